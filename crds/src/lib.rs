@@ -1,1 +1,2 @@
-//! The ModelDeployment API.
+//! The ModelDeployment API (`kestrel.dev/v1alpha1`) and the worker <-> operator contract.
+pub mod contract;

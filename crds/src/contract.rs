@@ -53,8 +53,8 @@ pub mod metrics {
 
     /// Bucket bounds (seconds) of the duration histograms: 1 ms … 10 s.
     pub const DURATION_BUCKETS: &[f64] = &[
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
-        2.5, 5.0, 10.0,
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
+        5.0, 10.0,
     ];
     /// Bucket bounds of the batch-size histogram.
     pub const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];

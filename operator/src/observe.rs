@@ -1,0 +1,327 @@
+//! observe: read what exists (owned objects, pod states, serving signals). The only
+//! step besides apply and status that does I/O; everything it returns is plain data.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kestrel_crds::contract::pod_labels;
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+
+use crate::build::APPLIED_HASH;
+use crate::signals::SignalsReading;
+
+/// Everything reconcile knows about the world for one ModelDeployment.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    /// Worker Deployments by variant label.
+    pub deployments: BTreeMap<String, DeploymentState>,
+    /// Hash annotation of the Service, if it exists.
+    pub service: Option<ObjectState>,
+    /// Hash annotation of the PodDisruptionBudget, if it exists.
+    pub pdb: Option<ObjectState>,
+    /// Problems of worker pods, worst first.
+    pub pod_problems: Vec<PodProblem>,
+    /// Serving signals (None when not read, e.g. scaling disabled).
+    pub signals: Option<SignalsReading>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObjectState {
+    pub name: String,
+    pub applied_hash: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeploymentState {
+    pub name: String,
+    pub applied_hash: Option<String>,
+    pub spec_replicas: i32,
+    /// Pods of this Deployment (all revisions).
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    /// Replicas of the current revision (a rollout is done when it equals spec).
+    pub updated_replicas: i32,
+}
+
+/// Why a worker pod is not serving, as the user should read it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PodProblem {
+    /// The scheduler cannot place the pod (its message says why, with counts).
+    Unschedulable { pod: String, message: String },
+    /// The image cannot be pulled or is not present with pull policy Never.
+    ImageUnavailable {
+        pod: String,
+        reason: String,
+        message: String,
+    },
+    /// The container keeps crashing; `last_reason` is the last termination reason (e.g. OOMKilled).
+    CrashLooping {
+        pod: String,
+        last_reason: String,
+        restarts: i32,
+        message: String,
+    },
+    /// The container cannot be created from its config (missing volume, secret…).
+    ConfigError {
+        pod: String,
+        reason: String,
+        message: String,
+    },
+    /// The container runs but readiness keeps failing.
+    NotReady { pod: String },
+}
+
+impl PodProblem {
+    /// The condition reason this problem surfaces as.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PodProblem::Unschedulable { .. } => "Unschedulable",
+            PodProblem::ImageUnavailable { .. } => "ImageUnavailable",
+            PodProblem::CrashLooping { last_reason, .. } if last_reason == "OOMKilled" => {
+                "OOMKilled"
+            }
+            PodProblem::CrashLooping { .. } => "CrashLoopBackOff",
+            PodProblem::ConfigError { .. } => "ContainerConfigError",
+            PodProblem::NotReady { .. } => "ReadinessFailing",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            PodProblem::Unschedulable { pod, message } => {
+                format!("pod {pod} cannot be scheduled: {message}")
+            }
+            PodProblem::ImageUnavailable {
+                pod,
+                reason,
+                message,
+            } => format!("pod {pod}: {reason}: {message}"),
+            PodProblem::CrashLooping {
+                pod,
+                last_reason,
+                restarts,
+                message,
+            } => {
+                let detail = if message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {message}")
+                };
+                format!(
+                    "pod {pod} is crash-looping ({restarts} restarts), last exit {last_reason}{detail}"
+                )
+            }
+            PodProblem::ConfigError {
+                pod,
+                reason,
+                message,
+            } => format!("pod {pod}: {reason}: {message}"),
+            PodProblem::NotReady { pod } => {
+                format!("pod {pod} is running but its readiness probe fails")
+            }
+        }
+    }
+}
+
+/// Reads one pod's state into a problem, if it has one. Pure.
+pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
+    let name = pod.name_any();
+    let status = pod.status.as_ref()?;
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let conditions = status.conditions.as_deref().unwrap_or_default();
+    if let Some(c) = conditions
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        && c.reason.as_deref() == Some("Unschedulable")
+    {
+        return Some(PodProblem::Unschedulable {
+            pod: name,
+            message: c.message.clone().unwrap_or_default(),
+        });
+    }
+    for cs in status.container_statuses.as_deref().unwrap_or_default() {
+        let waiting = cs.state.as_ref().and_then(|s| s.waiting.as_ref());
+        let reason = waiting.and_then(|w| w.reason.clone()).unwrap_or_default();
+        let message = waiting.and_then(|w| w.message.clone()).unwrap_or_default();
+        match reason.as_str() {
+            "ErrImagePull" | "ImagePullBackOff" | "ErrImageNeverPull" | "InvalidImageName" => {
+                return Some(PodProblem::ImageUnavailable {
+                    pod: name,
+                    reason,
+                    message,
+                });
+            }
+            "CrashLoopBackOff" => {
+                let last = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+                return Some(PodProblem::CrashLooping {
+                    pod: name,
+                    last_reason: last
+                        .and_then(|t| t.reason.clone())
+                        .unwrap_or_else(|| "Error".into()),
+                    restarts: cs.restart_count,
+                    message: last
+                        .and_then(|t| t.message.clone())
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned(),
+                });
+            }
+            "CreateContainerConfigError" | "CreateContainerError" | "RunContainerError" => {
+                return Some(PodProblem::ConfigError {
+                    pod: name,
+                    reason,
+                    message,
+                });
+            }
+            _ => {}
+        }
+        let running = cs.state.as_ref().and_then(|s| s.running.as_ref());
+        // A container that has run a while and restarted but is still not ready: its probe fails.
+        if running.is_some() && !cs.ready && cs.restart_count > 0 {
+            return Some(PodProblem::NotReady { pod: name });
+        }
+    }
+    None
+}
+
+/// Reads a Deployment into the state reconcile needs. Pure.
+pub fn deployment_state(d: &Deployment) -> DeploymentState {
+    let status = d.status.clone().unwrap_or_default();
+    DeploymentState {
+        name: d.name_any(),
+        applied_hash: d.annotations().get(APPLIED_HASH).cloned(),
+        spec_replicas: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+        replicas: status.replicas.unwrap_or(0),
+        ready_replicas: status.ready_replicas.unwrap_or(0),
+        updated_replicas: status.updated_replicas.unwrap_or(0),
+    }
+}
+
+/// Lists what the operator owns for one ModelDeployment.
+pub async fn owned_objects(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Observed, kube::Error> {
+    let selector = format!("{}={}", pod_labels::MODEL_DEPLOYMENT, name);
+    let lp = ListParams::default().labels(&selector);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), namespace);
+    let (deployments, pods, service, pdb) = futures::try_join!(
+        deployments.list(&lp),
+        pods.list(&lp),
+        services.get_opt(name),
+        pdbs.get_opt(name),
+    )?;
+    let object_state =
+        |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| ObjectState {
+            name: meta.name.clone().unwrap_or_default(),
+            applied_hash: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(APPLIED_HASH).cloned()),
+        };
+    let mut pod_problems: Vec<PodProblem> = pods.items.iter().filter_map(pod_problem).collect();
+    pod_problems.sort();
+    Ok(Observed {
+        deployments: deployments
+            .items
+            .iter()
+            .filter_map(|d| {
+                Some((
+                    d.labels().get(pod_labels::VARIANT)?.clone(),
+                    deployment_state(d),
+                ))
+            })
+            .collect(),
+        // Only objects that carry our label are ours; a same-named foreign object is left alone.
+        service: service
+            .filter(|s| {
+                s.labels()
+                    .get(pod_labels::MODEL_DEPLOYMENT)
+                    .map(String::as_str)
+                    == Some(name)
+            })
+            .map(|s| object_state(&s.metadata)),
+        pdb: pdb
+            .filter(|p| {
+                p.labels()
+                    .get(pod_labels::MODEL_DEPLOYMENT)
+                    .map(String::as_str)
+                    == Some(name)
+            })
+            .map(|p| object_state(&p.metadata)),
+        pod_problems,
+        signals: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "p-1"}, "status": status})).unwrap()
+    }
+
+    #[test]
+    fn unschedulable_pods_carry_the_schedulers_message() {
+        let p = pod(
+            json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+            "reason": "Unschedulable", "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}]}),
+        );
+        let problem = pod_problem(&p).unwrap();
+        assert_eq!(problem.reason(), "Unschedulable");
+        assert_eq!(
+            problem.message(),
+            "pod p-1 cannot be scheduled: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+        );
+    }
+
+    #[test]
+    fn a_crash_loop_after_an_oom_kill_says_oomkilled() {
+        let p = pod(
+            json!({"phase": "Running", "containerStatuses": [{"name": "worker", "image": "w", "imageID": "",
+            "ready": false, "restartCount": 4,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+            "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}),
+        );
+        let problem = pod_problem(&p).unwrap();
+        assert_eq!(problem.reason(), "OOMKilled");
+        assert_eq!(
+            problem.message(),
+            "pod p-1 is crash-looping (4 restarts), last exit OOMKilled"
+        );
+    }
+
+    #[test]
+    fn image_never_pull_is_an_image_problem() {
+        let p = pod(
+            json!({"phase": "Pending", "containerStatuses": [{"name": "worker", "image": "w:1", "imageID": "",
+            "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "image w:1 is not present"}}}]}),
+        );
+        assert_eq!(
+            pod_problem(&p).unwrap().message(),
+            "pod p-1: ErrImageNeverPull: image w:1 is not present"
+        );
+    }
+
+    #[test]
+    fn a_healthy_running_pod_has_no_problem() {
+        let p = pod(
+            json!({"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [{"name": "worker", "image": "w", "imageID": "", "ready": true, "restartCount": 0,
+            "state": {"running": {}}}]}),
+        );
+        assert_eq!(pod_problem(&p), None);
+    }
+}

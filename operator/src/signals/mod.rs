@@ -1,0 +1,67 @@
+//! Serving signals behind one trait, so reconcile reads them the same way from a real
+//! Prometheus or from a test's table.
+
+use futures::future::BoxFuture;
+
+/// What reconcile asks for: one ModelDeployment's workers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SignalsQuery {
+    pub namespace: String,
+    pub name: String,
+    /// The latency histogram whose p95 is compared with the SLO.
+    pub latency_metric: &'static str,
+    /// Window for rates and quantiles, in seconds.
+    pub window_seconds: u32,
+}
+
+/// Signals of one ModelDeployment at one instant.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Signals {
+    /// Requests waiting plus running, summed over workers.
+    pub queue_depth: f64,
+    /// Requests running, summed over workers.
+    pub in_flight: f64,
+    /// Requests per second arriving (answered or refused).
+    pub arrival_rate: f64,
+    /// Requests per second answered successfully.
+    pub throughput: f64,
+    /// p95 latency in milliseconds; None when no request completed in the window.
+    pub p95_ms: Option<f64>,
+    /// Workers Prometheus scraped successfully.
+    pub scraped_workers: u32,
+    /// Age of the newest sample, seconds.
+    pub age_seconds: f64,
+}
+
+/// The outcome of reading signals: a reading, or why there is none.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SignalsReading {
+    Fresh(Signals),
+    /// No worker has been scraped yet (e.g. no pod is running).
+    NoData,
+    /// The metrics backend failed; the message says how.
+    Unavailable(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignalsError {
+    #[error("failed to query Prometheus at {url}: {message}")]
+    Query { url: String, message: String },
+}
+
+/// A source of serving signals.
+pub trait MetricsSource: Send + Sync {
+    fn read<'a>(&'a self, query: &'a SignalsQuery) -> BoxFuture<'a, SignalsReading>;
+}
+
+/// No metrics backend configured: every read says so.
+pub struct NoMetrics;
+
+impl MetricsSource for NoMetrics {
+    fn read<'a>(&'a self, _query: &'a SignalsQuery) -> BoxFuture<'a, SignalsReading> {
+        Box::pin(async {
+            SignalsReading::Unavailable("no Prometheus URL is configured (--prometheus-url)".into())
+        })
+    }
+}
+pub mod prometheus;

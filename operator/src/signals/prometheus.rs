@@ -1,0 +1,167 @@
+//! `PrometheusSource`: the serving signals of one ModelDeployment, read with PromQL over
+//! the worker contract's series. All of Kestrel's PromQL lives in this file.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use kestrel_crds::contract::{labels, metrics as series, pod_labels};
+use prometheus_http_query::Client;
+
+use super::{MetricsSource, Signals, SignalsError, SignalsQuery, SignalsReading};
+
+/// Samples older than this are stale: the decision holds instead of trusting them.
+pub const MAX_SAMPLE_AGE_SECONDS: f64 = 30.0;
+
+pub struct PrometheusSource {
+    client: Client,
+    url: String,
+}
+
+impl PrometheusSource {
+    pub fn new(url: &str) -> Result<Self, SignalsError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| SignalsError::Query {
+                url: url.into(),
+                message: e.to_string(),
+            })?;
+        let client = Client::from(http, url).map_err(|e| SignalsError::Query {
+            url: url.into(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            client,
+            url: url.into(),
+        })
+    }
+
+    async fn scalar(&self, promql: &str) -> Result<Option<f64>, SignalsError> {
+        let result = self
+            .client
+            .query(promql)
+            .get()
+            .await
+            .map_err(|e| SignalsError::Query {
+                url: self.url.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(result
+            .data()
+            .as_vector()
+            .and_then(|v| v.first())
+            .map(|s| s.sample().value()))
+    }
+
+    async fn read_all(&self, q: &SignalsQuery) -> Result<SignalsReading, SignalsError> {
+        let queries = Queries::new(q);
+        let (workers, age, in_flight, waiting, arrivals, ok, p95) = futures::try_join!(
+            self.scalar(&queries.scraped_workers),
+            self.scalar(&queries.sample_age),
+            self.scalar(&queries.in_flight),
+            self.scalar(&queries.waiting),
+            self.scalar(&queries.arrival_rate),
+            self.scalar(&queries.throughput),
+            self.scalar(&queries.p95_seconds),
+        )?;
+        let Some(age) = age else {
+            return Ok(SignalsReading::NoData);
+        };
+        if !age.is_finite() || age > MAX_SAMPLE_AGE_SECONDS {
+            return Ok(SignalsReading::Unavailable(format!(
+                "the newest worker sample in Prometheus is {age:.0}s old (limit {MAX_SAMPLE_AGE_SECONDS:.0}s)"
+            )));
+        }
+        let finite = |v: Option<f64>| v.filter(|x| x.is_finite());
+        Ok(SignalsReading::Fresh(Signals {
+            queue_depth: finite(in_flight).unwrap_or(0.0),
+            in_flight: (finite(in_flight).unwrap_or(0.0) - finite(waiting).unwrap_or(0.0)).max(0.0),
+            arrival_rate: finite(arrivals).unwrap_or(0.0),
+            throughput: finite(ok).unwrap_or(0.0),
+            // No completed request in the window gives NaN: no latency to report.
+            p95_ms: finite(p95).map(|s| s * 1000.0),
+            scraped_workers: finite(workers).unwrap_or(0.0) as u32,
+            age_seconds: age,
+        }))
+    }
+}
+
+impl MetricsSource for PrometheusSource {
+    fn read<'a>(&'a self, query: &'a SignalsQuery) -> BoxFuture<'a, SignalsReading> {
+        Box::pin(async move {
+            match self.read_all(query).await {
+                Ok(r) => r,
+                Err(e) => SignalsReading::Unavailable(e.to_string()),
+            }
+        })
+    }
+}
+
+/// The PromQL for one ModelDeployment. Pure, so tests can check the text.
+#[derive(Debug, PartialEq)]
+pub struct Queries {
+    pub scraped_workers: String,
+    pub sample_age: String,
+    pub in_flight: String,
+    pub waiting: String,
+    pub arrival_rate: String,
+    pub throughput: String,
+    pub p95_seconds: String,
+}
+
+impl Queries {
+    pub fn new(q: &SignalsQuery) -> Self {
+        let sel = format!(
+            r#"namespace="{}",{}="{}""#,
+            escape(&q.namespace),
+            pod_labels::MODEL_DEPLOYMENT_SERIES,
+            escape(&q.name)
+        );
+        let w = q.window_seconds;
+        Self {
+            scraped_workers: format!(r#"count(up{{{sel}}} == 1)"#),
+            sample_age: format!(r#"time() - max(timestamp({}{{{sel}}}))"#, series::IN_FLIGHT),
+            in_flight: format!(r#"sum({}{{{sel}}})"#, series::IN_FLIGHT),
+            waiting: format!(r#"sum({}{{{sel}}})"#, series::QUEUE_DEPTH),
+            arrival_rate: format!(r#"sum(rate({}{{{sel}}}[{w}s]))"#, series::REQUESTS_TOTAL),
+            throughput: format!(
+                r#"sum(rate({}{{{sel},{}="{}"}}[{w}s]))"#,
+                series::REQUESTS_TOTAL,
+                labels::OUTCOME,
+                labels::OUTCOME_OK
+            ),
+            p95_seconds: format!(
+                r#"histogram_quantile(0.95, sum by (le) (rate({}_bucket{{{sel}}}[{w}s])))"#,
+                q.latency_metric
+            ),
+        }
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_select_one_model_deployment_by_its_pod_label() {
+        let q = Queries::new(&SignalsQuery {
+            namespace: "search".into(),
+            name: "minilm".into(),
+            latency_metric: series::REQUEST_DURATION,
+            window_seconds: 30,
+        });
+        assert_eq!(
+            q.p95_seconds,
+            r#"histogram_quantile(0.95, sum by (le) (rate(kestrel_worker_request_duration_seconds_bucket{namespace="search",kestrel_dev_model_deployment="minilm"}[30s])))"#
+        );
+        assert_eq!(
+            q.in_flight,
+            r#"sum(kestrel_worker_in_flight_requests{namespace="search",kestrel_dev_model_deployment="minilm"})"#
+        );
+        assert!(q.throughput.contains(r#"outcome="ok""#));
+    }
+}

@@ -17,7 +17,8 @@ use crate::memory::{DemandSample, PolicyMemory, Recommendation, SwitchCandidate}
 /// 2. Recommendations for the target variant: requests in the system ÷ target per
 ///    replica; forecast arrival rate ÷ capacity (profile × online correction, under
 ///    `target_utilization`, and the p95 model); p95 over target → ready replicas ×
-///    min(p95/target, `max_latency_step`). The maximum wins, never below min.
+///    min(p95/target, `max_latency_step`), once the fleet has been fully Ready for
+///    `latency_window_s`. The maximum wins, never below min.
 /// 3. Burst mode when requests in the system reach `burst_threshold` × their
 ///    stable-window mean (or the short-window rate that multiple of the stable rate)
 ///    and need more than the ready replicas: scale-down is held for a stable window.
@@ -237,8 +238,24 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
     let tv = target.v;
     let fleet_t = input.fleet.of(&tv.name);
     let cur_t = fleet_t.replicas;
+    let settled = !switching_now
+        && fleet_t.ready >= fleet_t.replicas
+        && input
+            .fleet
+            .variants
+            .iter()
+            .all(|(n, r)| *n == tv.name || r.replicas == 0);
+    if !settled {
+        mem.settled_since = None;
+    }
+    let settled_since = if settled {
+        Some(*mem.settled_since.get_or_insert(now))
+    } else {
+        None
+    };
+    let latency_settled = settled_since.is_some_and(|t| now.since(t) >= tuning.latency_window_s);
     let latency_rec = match s.p95_ms {
-        Some(p95) if p95 > p95_target && fleet_t.ready > 0 && !switching_now => {
+        Some(p95) if p95 > p95_target && fleet_t.ready > 0 && latency_settled => {
             let step = (p95 / p95_target).min(tuning.max_latency_step);
             ceil_u32(fleet_t.ready as f64 * step)
         }

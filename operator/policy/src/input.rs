@@ -100,6 +100,10 @@ pub struct Tuning {
     pub burst_threshold: f64,
     /// A p95 over target grows the fleet by at most this factor per decision.
     pub max_latency_step: f64,
+    /// The window the observed p95 is computed over (the PromQL range). The p95 only
+    /// drives scale-up once the fleet has been fully Ready for this long: a p95 that
+    /// still includes the old fleet's requests would compound the last scale-up.
+    pub latency_window_s: f64,
     /// Plan replicas so each runs at most this fraction of its profiled capacity.
     pub target_utilization: f64,
     /// A variant switch needs at least this relative saving (0.10 = 10 %).
@@ -117,6 +121,7 @@ impl Default for Tuning {
             stable_window_s: 60.0,
             burst_threshold: 2.0,
             max_latency_step: 2.0,
+            latency_window_s: 60.0,
             target_utilization: 0.8,
             switch_min_saving: 0.10,
             switch_window_s: 300.0,
@@ -191,9 +196,12 @@ impl Fleet {
 /// Serving signals for the whole ModelDeployment (all variants together).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Signals {
-    /// Requests admitted and waiting for a batch (sum over pods).
+    /// Requests admitted and waiting for a batch (sum over pods; best averaged over a
+    /// short window, e.g. `sum(avg_over_time(...[10s]))`, so one scrape's transient
+    /// backlog does not size the fleet).
     pub queue_depth: f64,
-    /// Requests admitted and not answered, waiting or running (sum over pods).
+    /// Requests admitted and not answered, waiting or running (sum over pods; same
+    /// short-window average as `queue_depth`).
     pub in_flight: f64,
     /// Arrivals per second over the stable window (e.g. `rate(...[1m])`).
     pub arrival_rate: f64,

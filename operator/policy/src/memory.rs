@@ -26,6 +26,10 @@ pub struct PolicyMemory {
     /// never scales down on a partial history).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_since: Option<Timestamp>,
+    /// Since when the target variant has had all its replicas Ready and no other
+    /// variant has had any (the p95 then describes this fleet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_since: Option<Timestamp>,
     /// Burst mode holds scale-down until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst_until: Option<Timestamp>,
@@ -49,6 +53,7 @@ impl Default for PolicyMemory {
             recommendations: Vec::new(),
             demand: Vec::new(),
             observed_since: None,
+            settled_since: None,
             burst_until: None,
             target_variant: None,
             last_switch_at: None,

@@ -87,11 +87,13 @@ fn reps(d: &Decision, v: &str) -> u32 {
 }
 
 /// Memory that remembers `variant` as the target.
-/// Memory that remembers `variant` as the target and fresh signals for the last 1000 s.
+/// Memory that remembers `variant` as the target, fresh signals and a fully Ready
+/// fleet for the last 1000 s.
 fn mem_target(variant: &str) -> PolicyMemory {
     PolicyMemory {
         target_variant: Some(variant.to_string()),
         observed_since: Some(Timestamp(T0.0 - 1000.0)),
+        settled_since: Some(Timestamp(T0.0 - 1000.0)),
         ..PolicyMemory::default()
     }
 }
@@ -258,13 +260,36 @@ fn queue_message_names_depth_ready_replicas_and_target() {
 }
 
 #[test]
-fn only_ready_replicas_count_as_capacity() {
-    // 6 desired but only 2 Ready and p95 at 2× target: 2 ready × 2 = 4, not 6 × 2.
-    let mut i = with_signals(base(), |s| s.p95_ms = Some(400.0));
-    i.fleet = fleet(&[("f32", 6, 2)]);
-    let d = decide(&i, &mem_target("f32"), T0);
-    assert_eq!(d.recommendations.latency, 4, "{}", d.message);
-    assert_eq!(reps(&d, "f32"), 4, "the 2 starting replicas over 4 go");
+fn the_p95_drives_scale_up_only_for_a_fleet_ready_for_a_whole_window() {
+    // (replicas, ready, seconds fully Ready, expected latency recommendation)
+    let table = [
+        (3, 3, 1000.0, 6), // settled: 3 ready × min(400/200, 2)
+        (3, 3, 30.0, 0),   // the 60 s p95 window still holds the old fleet's requests
+        (6, 2, 1000.0, 0), // 4 replicas on the way: the p95 describes the 2 Ready only
+    ];
+    for (replicas, ready, settled_for, want) in table {
+        let mut i = with_signals(base(), |s| s.p95_ms = Some(400.0));
+        i.fleet = fleet(&[("f32", replicas, ready)]);
+        let mut mem = mem_target("f32");
+        mem.settled_since = Some(Timestamp(T0.0 - settled_for));
+        let d = decide(&i, &mem, T0);
+        assert_eq!(
+            d.recommendations.latency, want,
+            "{replicas}/{ready} for {settled_for}s"
+        );
+    }
+}
+
+#[test]
+fn settling_is_remembered_from_the_first_fully_ready_decision() {
+    let i = with_signals(base(), |s| s.p95_ms = Some(400.0));
+    let mut mem = mem_target("f32");
+    mem.settled_since = None;
+    let d = decide(&i, &mem, T0);
+    assert_eq!(d.memory.settled_since, Some(T0));
+    assert_eq!(d.recommendations.latency, 0);
+    let d = decide(&i, &d.memory, T0.plus(60.0));
+    assert_eq!(d.recommendations.latency, 6, "{}", d.message);
 }
 
 // ---------- burst mode ----------

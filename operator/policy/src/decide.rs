@@ -23,7 +23,8 @@ use crate::memory::{DemandSample, PolicyMemory, Recommendation, SwitchCandidate}
 ///    stable-window mean (or the short-window rate that multiple of the stable rate)
 ///    and need more than the ready replicas: scale-down is held for a stable window.
 /// 4. Up at once; down only to the highest recommendation over
-///    `scale_down_delay_s`, removing at most `max_scale_down_fraction` per step.
+///    `scale_down_delay_s`, removing at most `max_scale_down_fraction` per step
+///    (queue-depth recommendations made in burst mode are held by burst mode only).
 /// 5. No replicas added while pods are Pending as Unschedulable; max respected.
 /// 6. Variant: the cheapest allowed variant within the quality limit whose need fits
 ///    under max; a switch needs a `switch_min_saving` saving sustained for
@@ -262,10 +263,18 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         _ => 0,
     };
     let rec = target.now.max(latency_rec);
+    // A backlog seen in burst mode is held by burst mode (a stable window), not by the
+    // scale-down delay: once drained it says nothing about sustained demand, which the
+    // rate and latency recommendations track.
+    let remembered = if in_burst {
+        target.rate_rec.max(latency_rec).max(min)
+    } else {
+        rec
+    };
     mem.remember_recommendation(
         Recommendation {
             at: now,
-            replicas: rec,
+            replicas: remembered,
             variant: tv.name.clone(),
         },
         input.scaling.scale_down_delay_s,

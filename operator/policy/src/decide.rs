@@ -347,6 +347,11 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         desired = cap.max(min);
     }
 
+    if desired != cur_t {
+        // The fleet changes: the p95 will describe it only a full window from now.
+        mem.settled_since = None;
+    }
+
     // Surge rollout: other variants keep their replicas until the target's are Ready.
     let mut replicas = BTreeMap::new();
     let rolled_out = fleet_t.ready >= desired;

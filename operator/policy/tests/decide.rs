@@ -282,7 +282,11 @@ fn the_p95_drives_scale_up_only_for_a_fleet_ready_for_a_whole_window() {
 
 #[test]
 fn settling_is_remembered_from_the_first_fully_ready_decision() {
-    let i = with_signals(base(), |s| s.p95_ms = Some(400.0));
+    // 24 in the system hold 3 replicas (8 each): only the p95 can add.
+    let i = with_signals(base(), |s| {
+        s.p95_ms = Some(400.0);
+        s.in_flight = 24.0;
+    });
     let mut mem = mem_target("f32");
     mem.settled_since = None;
     let d = decide(&i, &mem, T0);
@@ -290,6 +294,33 @@ fn settling_is_remembered_from_the_first_fully_ready_decision() {
     assert_eq!(d.recommendations.latency, 0);
     let d = decide(&i, &d.memory, T0.plus(60.0));
     assert_eq!(d.recommendations.latency, 6, "{}", d.message);
+    assert_eq!(reps(&d, "f32"), 6);
+    // The scale-up restarts the clock: 6 Ready replicas 10 s later do not compound it.
+    let mut i = i;
+    i.fleet = fleet(&[("f32", 6, 6)]);
+    let d = decide(&i, &d.memory, T0.plus(70.0));
+    assert_eq!(d.recommendations.latency, 0, "{}", d.message);
+    assert_eq!(reps(&d, "f32"), 6);
+}
+
+#[test]
+fn a_backlog_seen_in_burst_mode_is_not_held_for_the_scale_down_delay() {
+    let mut mem = mem_target("f32");
+    for k in 1..6 {
+        mem.demand.push(kestrel_policy::DemandSample {
+            at: Timestamp(T0.0 - 10.0 * k as f64),
+            in_system: 4.0,
+        });
+    }
+    let burst = with_signals(base(), |s| s.in_flight = 80.0);
+    let d = decide(&burst, &mem, T0);
+    assert_eq!(reps(&d, "f32"), 10, "{}", d.message);
+    // 70 s later burst mode is over; the 300 s delay holds only the rate's need (1).
+    let mut calm_input = with_signals(base(), |s| s.in_flight = 1.0);
+    calm_input.fleet = fleet(&[("f32", 10, 10)]);
+    let d2 = decide(&calm_input, &d.memory, T0.plus(70.0));
+    assert_eq!(d2.reason, DecisionReason::ScaleDown, "{}", d2.message);
+    assert_eq!(reps(&d2, "f32"), 5);
 }
 
 // ---------- burst mode ----------

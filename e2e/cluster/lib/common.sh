@@ -10,6 +10,7 @@ LOGS="$RUN/logs"
 K8S_VERSION=v1.34.4
 COREDNS_VERSION=v1.13.2
 HELM_VERSION=v3.19.5
+KWOK_VERSION=v0.7.0
 
 # Addresses and CIDRs (documented in docs/local-cluster.md).
 NODE_NAME=kestrel-node
@@ -23,6 +24,8 @@ APISERVER_PORT=6443
 BRIDGE=kestrel0
 CONTAINERD_SOCK="$RUN/containerd/containerd.sock"
 PAUSE_IMAGE=localhost/kestrel/pause:3.10
+SIM_POD_CIDR=10.244.255.0/24   # fake pod IPs of pods on kwok's simulated nodes (never handed out by CNI)
+SIM_NODE_IP=10.244.255.254
 
 _t0=0
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }

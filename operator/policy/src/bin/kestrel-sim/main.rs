@@ -54,7 +54,9 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     rate_scale: f64,
     /// Copies made by --rate-scale are shifted uniformly within ± this many seconds.
-    #[arg(long, default_value_t = 0.5)]
+    /// The default (±5 s) keeps the trace's shape at the 10 s scale its burstiness is
+    /// measured at, without turning each request into a clump of copies within a second.
+    #[arg(long, default_value_t = 5.0)]
     jitter_s: f64,
     /// Only the first this-many seconds of the (compressed) trace.
     #[arg(long)]

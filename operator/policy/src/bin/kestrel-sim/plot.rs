@@ -52,9 +52,9 @@ pub fn draw(
     target_ms: f64,
 ) -> DrawResult {
     let text = load_font(font);
-    let root = BitMapBackend::new(path, (1200, 800)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1000, 640)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (top, bottom) = root.split_vertically(400);
+    let (top, bottom) = root.split_vertically(320);
     let t_max = runs
         .iter()
         .filter_map(|(_, r)| r.timeline.last().map(|p| p.0))
@@ -77,6 +77,7 @@ pub fn draw(
     }
     let mut chart = replicas.build_cartesian_2d(0.0..t_max, 0.0..r_max)?;
     let mut mesh = chart.configure_mesh();
+    mesh.max_light_lines(0);
     if text {
         mesh.x_desc("seconds").y_desc("replicas");
     } else {
@@ -116,6 +117,7 @@ pub fn draw(
     }
     let mut chart = latency.build_cartesian_2d(0.0..t_max, 0.0..l_max)?;
     let mut mesh = chart.configure_mesh();
+    mesh.max_light_lines(0);
     if text {
         mesh.x_desc("seconds").y_desc("p95 ms");
     } else {

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every kestrel-sim run quoted in docs/autoscaling.md, in order, with its plots.
+# Usage: operator/policy/scripts/sim-report.sh  (from the repository root)
+set -euo pipefail
+cargo build --release -q -p kestrel-policy --bin kestrel-sim
+SIM=target/release/kestrel-sim
+T=${TRACES:-/work/shared/data/traces}
+CODE=$T/azure-llm-2023-code.csv
+CONV=$T/azure-llm-2023-conv.csv
+IMG=docs/img
+mkdir -p "$IMG"
+run() { echo; echo "\$ kestrel-sim $*"; "$SIM" "$@"; }
+
+echo "## 1. One variant (f32), every policy, both traces (default jitter ±5 s)"
+run --trace "$CODE" --rate-scale 50 --variants f32 --plot "$IMG/autoscaling-code.png"
+run --trace "$CONV" --rate-scale 50 --variants f32 --plot "$IMG/autoscaling-conv.png"
+
+echo "## 2. The anchors' best shot: per-replica concurrency target 2, 4, 8"
+for q in 2 4; do
+  run --trace "$CODE" --rate-scale 50 --variants f32 --target-queue $q
+  run --trace "$CONV" --rate-scale 50 --variants f32 --target-queue $q
+done
+
+echo "## 3. Harsher scaling: copies within ±0.5 s (clumps of 50 requests)"
+run --trace "$CODE" --rate-scale 50 --variants f32 --jitter-s 0.5
+run --trace "$CONV" --rate-scale 50 --variants f32 --jitter-s 0.5
+
+echo "## 4. Faster cold start (5 s)"
+run --trace "$CODE" --rate-scale 50 --variants f32 --cold-start-s 5
+run --trace "$CONV" --rate-scale 50 --variants f32 --cold-start-s 5
+
+echo "## 5. Priced variants: f32 1.00/h, int8 0.60/h"
+for f in "$CODE" "$CONV"; do
+  for v in f32,int8 f32 int8; do
+    run --trace "$f" --rate-scale 50 --variants $v --price f32=1.0,int8=0.6 --policies kestrel,static-peak
+  done
+done
+
+echo "## 6. Synthetic shapes (seed 42): diurnal, step, spike"
+for s in diurnal step spike; do
+  run --synthetic $s --seed 42 --synthetic-base 100 --synthetic-peak 1000 --variants f32 \
+    $( [ $s = diurnal ] && echo --plot "$IMG/autoscaling-diurnal.png" )
+  run --synthetic $s --seed 42 --synthetic-base 100 --synthetic-peak 1000 --variants f32,int8 \
+    --price f32=1.0,int8=0.6 --policies kestrel
+done
+
+echo "## 7. Determinism: the same seed twice gives byte-identical JSON"
+a=$("$SIM" --trace "$CONV" --rate-scale 50 --variants f32 --json --seed 7)
+b=$("$SIM" --trace "$CONV" --rate-scale 50 --variants f32 --json --seed 7)
+[ "$a" = "$b" ] && echo "identical: $a"
+
+echo "## 8. Seeds 1-5 (routing, jitter and rate-scaling draws), JSON per run"
+for f in "$CODE" "$CONV"; do
+  for s in 1 2 3 4 5; do
+    echo "$(basename "$f") seed $s: $("$SIM" --trace "$f" --rate-scale 50 --variants f32 --seed $s --json)"
+  done
+done

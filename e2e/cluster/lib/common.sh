@@ -44,3 +44,11 @@ wait_for() {
     sleep 0.5
   done
 }
+
+# ours PID: the process exists and is one of ours (its command line names this folder or the
+# node address), so a pid file left over from before a reboot never makes us touch a stranger.
+ours() {
+  local cmd
+  cmd=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
+  [[ $cmd == *"$CLUSTER_DIR"* || $cmd == *"bind=$NODE_IP"* ]]
+}

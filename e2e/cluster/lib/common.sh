@@ -49,6 +49,7 @@ wait_for() {
 # node address), so a pid file left over from before a reboot never makes us touch a stranger.
 ours() {
   local cmd
-  cmd=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
+  [[ -n $1 && -r /proc/$1/cmdline ]] || return 1
+  cmd=$(tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline") || return 1
   [[ $cmd == *"$CLUSTER_DIR"* || $cmd == *"bind=$NODE_IP"* ]]
 }

@@ -1,5 +1,6 @@
 // Command smoke-server is the tiny static HTTP server of e2e/cluster/smoke:
 // "/" answers "hello from <hostname>", "/metrics" is Prometheus text format.
+// `smoke-server alloc MIB` touches MIB MiB of memory and sleeps (to provoke an OOM kill).
 // `smoke-server get URL` is the client side: GET URL (retrying for up to 30s, so a
 // fresh pod's DNS and Service are given time), print the body, exit 0 on HTTP 200.
 package main
@@ -10,6 +11,7 @@ import (
 	"log"
 	"net/http"
 	"os"
+	"strconv"
 	"sync/atomic"
 	"time"
 )
@@ -38,6 +40,19 @@ func get(url string) {
 func main() {
 	if len(os.Args) == 3 && os.Args[1] == "get" {
 		get(os.Args[2])
+	}
+	if len(os.Args) == 3 && os.Args[1] == "alloc" {
+		mib, _ := strconv.Atoi(os.Args[2])
+		var keep [][]byte
+		for i := 0; i < mib; i++ {
+			b := make([]byte, 1<<20)
+			for j := range b {
+				b[j] = byte(j)
+			}
+			keep = append(keep, b)
+		}
+		fmt.Printf("allocated %d MiB\n", len(keep))
+		select {}
 	}
 	addr := ":8080"
 	if a := os.Getenv("LISTEN"); a != "" {

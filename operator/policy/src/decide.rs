@@ -113,8 +113,11 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         .iter()
         .map(|v| plan(v, input, &mem, queue_rec, forecast_rate, speed))
         .collect();
-    let needs_more = |p: &Plan| p.now > ready_all;
-    let burst_now = (concurrency_jump || rate_jump) && plans.iter().any(needs_more);
+    // Burst only when the jump needs more than the Ready replicas of the variant serving.
+    let serving = current
+        .and_then(|c| plans.iter().find(|p| p.v.name == c.name))
+        .unwrap_or_else(|| cheapest_plan(&plans, max));
+    let burst_now = (concurrency_jump || rate_jump) && serving.now > ready_all;
     if burst_now {
         mem.burst_until = Some(now.plus(tuning.stable_window_s));
     }

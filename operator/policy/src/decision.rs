@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::input::Fleet;
 use crate::memory::PolicyMemory;
 
 /// The outcome of one decision: what to set, and why.
@@ -124,5 +125,13 @@ impl Decision {
     /// Total desired replicas over all variants.
     pub fn total_replicas(&self) -> u32 {
         self.replicas.values().sum()
+    }
+
+    /// Whether applying this decision changes `fleet`'s desired replicas (the operator
+    /// emits an Event exactly when it does).
+    pub fn changes(&self, fleet: &Fleet) -> bool {
+        self.replicas
+            .iter()
+            .any(|(name, n)| fleet.of(name).replicas != *n)
     }
 }

@@ -18,7 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::input::{BatchLatency, VariantCapacity};
+use crate::input::{BatchLatency, VariantCapacity, VariantSpec};
 
 /// The schema tag every profile carries.
 pub const PROFILE_SCHEMA: &str = "kestrel.dev/worker-profile/v1";
@@ -178,5 +178,17 @@ impl ProfileVariant {
             .collect();
         batches.sort_by_key(|b| b.batch_size);
         VariantCapacity::from_batches(batches)
+    }
+
+    /// The policy's view of this variant at `price_per_replica_hour` (the operator's
+    /// price for the accelerator it runs on, or the spec's override).
+    pub fn spec(&self, price_per_replica_hour: f64, allowed: bool) -> VariantSpec {
+        VariantSpec {
+            name: self.variant.clone(),
+            price_per_replica_hour,
+            quality_loss: self.quality.quality_loss,
+            capacity: self.capacity(),
+            allowed,
+        }
     }
 }

@@ -821,6 +821,16 @@ fn validate_names_the_bad_field() {
 }
 
 #[test]
+fn changes_says_when_an_event_is_due() {
+    let steady = with_signals(base(), |s| s.in_flight = 24.0);
+    let d = decide(&steady, &mem_target("f32"), T0);
+    assert!(!d.changes(&steady.fleet), "{}", d.message);
+    let busy = with_signals(base(), |s| s.in_flight = 42.0);
+    let d = decide(&busy, &mem_target("f32"), T0);
+    assert!(d.changes(&busy.fleet));
+}
+
+#[test]
 fn decide_is_deterministic() {
     let i = with_signals(base(), |s| s.in_flight = 42.0);
     let a = decide(&i, &mem_target("f32"), T0);

@@ -43,3 +43,13 @@ fn a_profile_round_trips() {
     let back = WorkerProfile::from_json(&serde_json::to_string(&p).unwrap()).unwrap();
     assert_eq!(p, back);
 }
+
+#[test]
+fn a_profile_variant_becomes_a_variant_spec() {
+    let p = WorkerProfile::from_json(DEFAULT).unwrap();
+    let spec = p.variant("int8").unwrap().spec(0.6, true);
+    assert_eq!(spec.name, "int8");
+    assert_eq!(spec.price_per_replica_hour, 0.6);
+    assert!((spec.quality_loss - 0.0005).abs() < 1e-12);
+    assert_eq!(spec.capacity, p.variant("int8").unwrap().capacity());
+}

@@ -114,6 +114,9 @@ struct Args {
     /// Service times vary uniformly within ± this fraction.
     #[arg(long, default_value_t = 0.1)]
     service_jitter: f64,
+    /// At most this many replicas fit on the nodes; more stay Pending as Unschedulable.
+    #[arg(long)]
+    max_scheduled: Option<u32>,
     /// Prometheus scrape interval, s.
     #[arg(long, default_value_t = 5.0)]
     scrape_s: f64,
@@ -310,6 +313,7 @@ fn setup(args: Args) -> Result<Setup, String> {
         service_jitter: args.service_jitter,
         scrape_s: args.scrape_s,
         seed: args.seed,
+        max_scheduled: args.max_scheduled,
     };
     let limits = Limits {
         min: args.min_replicas,

@@ -7,7 +7,8 @@
 //! profiled service time of that batch size (± a seeded jitter). New replicas become
 //! Ready after `cold_start_s`; removed replicas stop receiving requests at once, finish
 //! what they hold, then go (not-Ready replicas go first, newest first, as a ReplicaSet
-//! does). A replica costs from creation to removal.
+//! does). A replica costs from being scheduled to removal; with `max_scheduled`,
+//! replicas beyond it stay Pending (as Unschedulable) until room frees.
 //!
 //! Every second the model records a [`Sample`]; every `scrape_s` one of them becomes a
 //! Prometheus scrape. Policies see the fleet only through [`View`].
@@ -39,6 +40,9 @@ pub struct ModelConfig {
     pub service_jitter: f64,
     pub scrape_s: f64,
     pub seed: u64,
+    /// At most this many replicas (all variants) fit on the nodes; the rest stay
+    /// Pending as Unschedulable until room frees (and cost nothing meanwhile).
+    pub max_scheduled: Option<u32>,
 }
 
 /// Desired replicas per variant index.
@@ -91,6 +95,8 @@ pub struct View<'a> {
     pub latencies: &'a [(f64, f64)],
     /// Per variant index.
     pub fleet: Vec<VariantCount>,
+    /// Some replica is Pending as Unschedulable.
+    pub pending: bool,
 }
 
 impl View<'_> {
@@ -146,7 +152,7 @@ pub struct RunResult {
     pub variant_hours: Vec<f64>,
     pub cost: f64,
     pub scale_events: u64,
-    /// Every 10 s: (time, replicas alive, p95 ms of the last 30 s of completions).
+    /// Every 10 s: (time, replicas scheduled, p95 ms of the last 30 s of completions).
     pub timeline: Vec<(f64, u32, Option<f64>)>,
 }
 
@@ -163,7 +169,9 @@ impl RunResult {
 
 struct Replica {
     variant: usize,
+    /// When it was scheduled (cost starts); for a Pending replica, when it was asked for.
     created: f64,
+    pending: bool,
     removed: Option<f64>,
     ready: bool,
     draining: bool,
@@ -285,20 +293,54 @@ impl Fleet<'_> {
             self.start_batch(i, t);
         } else if self.replicas[i].draining {
             self.replicas[i].removed = Some(t);
+            self.schedule_pending(t);
+        }
+    }
+
+    fn scheduled(&self) -> u32 {
+        self.replicas
+            .iter()
+            .filter(|r| r.alive() && !r.pending)
+            .count() as u32
+    }
+
+    /// Schedules Pending replicas, oldest first, while there is room.
+    fn schedule_pending(&mut self, t: f64) {
+        let Some(limit) = self.cfg.max_scheduled else {
+            return;
+        };
+        let mut room = limit.saturating_sub(self.scheduled());
+        for i in 0..self.replicas.len() {
+            if room == 0 {
+                break;
+            }
+            let r = &mut self.replicas[i];
+            if r.alive() && r.pending && !r.draining {
+                r.pending = false;
+                r.created = t;
+                room -= 1;
+                self.schedule(t + self.cfg.cold_start_s, Kind::Ready(i));
+            }
         }
     }
 
     fn add(&mut self, variant: usize, t: f64, ready: bool) {
+        let pending = !ready
+            && self
+                .cfg
+                .max_scheduled
+                .is_some_and(|limit| self.scheduled() >= limit);
         self.replicas.push(Replica {
             variant,
             created: t,
+            pending,
             removed: None,
             ready,
             draining: false,
             queue: VecDeque::new(),
             running: Vec::new(),
         });
-        if !ready {
+        if !ready && !pending {
             let i = self.replicas.len() - 1;
             self.schedule(t + self.cfg.cold_start_s, Kind::Ready(i));
         }
@@ -338,13 +380,19 @@ impl Fleet<'_> {
                     .then(rb.created.total_cmp(&ra.created))
                     .then(b.cmp(&a))
             });
+            // Pending first, then not Ready, then newest first.
+            victims.sort_by_key(|&i| !self.replicas[i].pending);
             for &i in victims.iter().take((have - want) as usize) {
                 let r = &mut self.replicas[i];
                 r.draining = true;
+                if r.pending {
+                    r.created = t;
+                }
                 if !r.ready || r.idle() {
                     r.removed = Some(t);
                 }
             }
+            self.schedule_pending(t);
         }
         self.reroute();
     }
@@ -430,7 +478,7 @@ pub fn run(arrivals: &[f64], cfg: &ModelConfig, policy: &mut dyn Autoscaler) -> 
             scrapes.push(s);
         }
         if tick.is_multiple_of(10) {
-            let alive = fleet.replicas.iter().filter(|r| r.alive()).count() as u32;
+            let alive = fleet.scheduled();
             let hi = fleet.latencies.partition_point(|l| l.0 <= tick_t);
             let lo = fleet.latencies.partition_point(|l| l.0 <= tick_t - 30.0);
             let p95 = quantile(fleet.latencies[lo..hi].iter().map(|l| l.1).collect(), 0.95);
@@ -442,6 +490,7 @@ pub fn run(arrivals: &[f64], cfg: &ModelConfig, policy: &mut dyn Autoscaler) -> 
                 scrapes: &scrapes,
                 latencies: &fleet.latencies,
                 fleet: (0..cfg.variants.len()).map(|v| fleet.count(v)).collect(),
+                pending: fleet.replicas.iter().any(|r| r.alive() && r.pending),
             };
             let want = policy.evaluate(tick_t, &view);
             let mut changed = false;
@@ -467,7 +516,7 @@ pub fn run(arrivals: &[f64], cfg: &ModelConfig, policy: &mut dyn Autoscaler) -> 
         .map_or(0.0, |l| l.0)
         .max(arrivals.last().copied().unwrap_or(0.0));
     let mut variant_hours = vec![0.0; cfg.variants.len()];
-    for r in &fleet.replicas {
+    for r in fleet.replicas.iter().filter(|r| !(r.pending && r.alive())) {
         let until = r.removed.unwrap_or(end).min(end);
         variant_hours[r.variant] += (until - r.created).max(0.0) / 3600.0;
     }

@@ -113,7 +113,10 @@ impl Autoscaler for Kestrel {
                     )
                 })
                 .collect(),
-            pending_unschedulable: None,
+            pending_unschedulable: view.pending.then(|| {
+                "0/N nodes are available: Insufficient resources (simulated --max-scheduled)"
+                    .to_string()
+            }),
         };
         let input = DecisionInput {
             targets: self.targets.clone(),

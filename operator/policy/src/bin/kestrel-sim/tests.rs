@@ -35,7 +35,11 @@ fn run_all(a: Args) -> Vec<(String, RunResult)> {
 #[test]
 fn every_request_is_answered_or_rejected_under_every_policy() {
     // A small queue limit and a slow cold start force rejections too.
-    for extra in [&[][..], &["--max-queue", "4", "--cold-start-s", "60"][..]] {
+    for extra in [
+        &[][..],
+        &["--max-queue", "4", "--cold-start-s", "60"][..],
+        &["--max-scheduled", "3"][..],
+    ] {
         let a = args(extra);
         let n = load_arrivals(&a).unwrap().len() as u64;
         for (name, r) in run_all(a) {
@@ -119,4 +123,22 @@ fn prices_and_variants_drive_cost_and_choice() {
     let (b, f) = (&both[0].1, &f32_only[0].1);
     assert!(b.variant_hours[1] > 0.0, "{:?}", b.variant_hours);
     assert!(b.cost < f.cost, "{} vs {}", b.cost, f.cost);
+}
+
+#[test]
+fn pods_beyond_the_nodes_stay_pending_and_kestrel_says_so() {
+    let a = args(&["--policies", "kestrel", "--max-scheduled", "3"]);
+    let arrivals = load_arrivals(&a).unwrap();
+    let s = setup(a).unwrap();
+    let (limited, log) = run_policy("kestrel", &arrivals, &s).unwrap();
+    assert!(
+        log.iter().any(|l| l.contains("PendingUnschedulable")),
+        "{log:?}"
+    );
+    // Never more than 3 replicas running at any point of the timeline.
+    assert!(
+        limited.timeline.iter().all(|p| p.1 <= 3),
+        "{:?}",
+        limited.timeline
+    );
 }

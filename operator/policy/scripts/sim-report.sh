@@ -60,4 +60,4 @@ echo "## 9. Nodes fit 4 replicas: the rest stay Pending as Unschedulable"
 run --trace "$CONV" --rate-scale 50 --variants f32 --max-scheduled 4
 echo "(kestrel's decisions blocked by Pending pods:)"
 "$SIM" --trace "$CONV" --rate-scale 50 --variants f32 --max-scheduled 4 --policies kestrel --explain 2>&1 >/dev/null \
-  | grep -E "PendingUnschedulable|decisions by reason" | sed -n '1,3p;$p'
+  | grep -E "Pending|decisions by reason" | tail -4

@@ -325,11 +325,11 @@ impl Fleet<'_> {
     }
 
     fn add(&mut self, variant: usize, t: f64, ready: bool) {
-        let pending = !ready
-            && self
-                .cfg
-                .max_scheduled
-                .is_some_and(|limit| self.scheduled() >= limit);
+        let pending = self
+            .cfg
+            .max_scheduled
+            .is_some_and(|limit| self.scheduled() >= limit);
+        let ready = ready && !pending;
         self.replicas.push(Replica {
             variant,
             created: t,

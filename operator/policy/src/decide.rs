@@ -152,8 +152,13 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
                     best_under_budget(&plans, limit, min, max, forecast_rate, speed, p95_target);
                 budget_cap = Some(cap);
                 forced = Some(p);
+                let against = if p95.is_some_and(|x| x <= p95_target) {
+                    "within"
+                } else {
+                    "over"
+                };
                 conditions.budget_constrained = Some(format!(
-                    "the {:.2}/h budget caps {} at {} replicas (needs {}): predicted p95 {} over the {:.0} ms target",
+                    "the {:.2}/h budget caps {} at {} replicas (needs {}): predicted p95 {} {against} the {:.0} ms target",
                     limit,
                     p.v.name,
                     cap,
@@ -305,15 +310,16 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         } else {
             0
         };
-        let d = window.max(cur_t.saturating_sub(removable)).min(cur_t);
+        let step_floor = cur_t.saturating_sub(removable);
+        let d = window.max(step_floor).min(cur_t);
         if d > rec {
-            deferred_by = Some(if window > d.max(rec) || window == d {
+            deferred_by = Some(if step_floor > window {
+                format!("the scale-down step limit ({:.0} %)", fraction * 100.0)
+            } else {
                 format!(
                     "the {:.0}s scale-down delay (highest recommendation {window})",
                     input.scaling.scale_down_delay_s
                 )
-            } else {
-                format!("the scale-down step limit ({:.0} %)", fraction * 100.0)
             });
         }
         d
@@ -357,7 +363,8 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
 
     // Surge rollout: other variants keep their replicas until the target's are Ready.
     let mut replicas = BTreeMap::new();
-    let rolled_out = fleet_t.ready >= desired;
+    // At least one Ready replica of the target before anything else goes.
+    let rolled_out = fleet_t.ready >= desired.max(1);
     let mut holding_old: Vec<String> = Vec::new();
     for (name, vr) in &input.fleet.variants {
         if *name == tv.name {
@@ -453,8 +460,13 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         (
             DecisionReason::ScaleDown,
             format!(
-                "demand fell (recommendation {rec}, highest over the last {:.0}s {window}): scaling {} {cur_t}→{desired}",
-                input.scaling.scale_down_delay_s, tv.name
+                "demand fell (recommendation {rec}, highest over the last {:.0}s {window}): scaling {} {cur_t}→{desired}{}",
+                input.scaling.scale_down_delay_s,
+                tv.name,
+                deferred_by
+                    .as_ref()
+                    .map(|by| format!(", no lower for now: {by}"))
+                    .unwrap_or_default()
             ),
         )
     } else if let Some(by) = deferred_by {

@@ -431,6 +431,9 @@ fn scale_down_step_limit_table() {
         i.scaling.max_scale_down_fraction = fraction;
         let d = decide(&i, &mem_target("f32"), T0);
         assert_eq!(reps(&d, "f32"), want, "have {have} fraction {fraction}");
+        if want > 1 {
+            assert!(d.message.contains("step limit"), "{}", d.message);
+        }
     }
 }
 
@@ -724,7 +727,21 @@ fn budget_conflict_hold_budget_takes_the_variant_the_budget_buys_best() {
     assert_eq!(reps(&d, "f32"), 2);
     assert_eq!(reps(&d, "big"), 1, "surge: big stays until f32 is Ready");
     assert!(d.predicted_p95_ms.is_some());
-    assert!(d.conditions.budget_constrained.is_some());
+    let msg = d.conditions.budget_constrained.unwrap();
+    assert!(msg.contains("within the 200 ms target"), "{msg}");
+}
+
+#[test]
+fn a_switch_blocked_by_pending_pods_never_empties_the_fleet() {
+    // f32 stops qualifying while pods are Pending and minReplicas is 0: int8 cannot be
+    // added, and f32 must not go before an int8 replica is Ready.
+    let mut i = switch_input(0.6);
+    i.variants[0].allowed = false;
+    i.scaling.min_replicas = 0;
+    i.fleet.pending_unschedulable = Some("0/1 nodes are available".into());
+    let d = decide(&i, &mem_target("f32"), T0);
+    assert_eq!(reps(&d, "f32"), 7, "{}", d.message);
+    assert_eq!(reps(&d, "int8"), 0);
 }
 
 #[test]

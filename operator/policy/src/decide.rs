@@ -656,7 +656,7 @@ fn hold(
         let fleet_t = input.fleet.of(name);
         let desired = fleet_t.replicas.clamp(min, max);
         replicas.insert(name.clone(), desired);
-        if fleet_t.ready >= desired {
+        if fleet_t.ready >= desired.max(1) {
             for (n, r) in replicas.iter_mut() {
                 if n != name {
                     *r = 0;

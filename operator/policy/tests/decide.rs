@@ -158,6 +158,27 @@ fn missing_signals_still_respect_min_and_max() {
 }
 
 #[test]
+fn missing_signals_finish_a_surge_rollout_only_once_the_target_is_ready() {
+    // (int8 replicas, int8 ready, min) → f32 replicas kept
+    let table = [(3, 3, 1, 0), (3, 1, 1, 4), (0, 0, 0, 4)];
+    for (r, ready, min, want_f32) in table {
+        let mut i = base();
+        i.variants.push(variant("int8", 0.6, 250.0));
+        i.fleet = fleet(&[("f32", 4, 4), ("int8", r, ready)]);
+        i.scaling.min_replicas = min;
+        i.signals = None;
+        let d = decide(&i, &mem_target("int8"), T0);
+        assert_eq!(
+            reps(&d, "f32"),
+            want_f32,
+            "int8 {ready}/{r} min {min}: {}",
+            d.message
+        );
+        assert_eq!(d.target_variant, "int8");
+    }
+}
+
+#[test]
 fn a_nan_p95_alone_is_no_latency_signal_not_missing_metrics() {
     let i = with_signals(base(), |s| {
         s.p95_ms = Some(f64::NAN);

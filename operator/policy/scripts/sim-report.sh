@@ -61,3 +61,12 @@ run --trace "$CONV" --rate-scale 50 --variants f32 --max-scheduled 4
 echo "(kestrel's decisions blocked by Pending pods:)"
 "$SIM" --trace "$CONV" --rate-scale 50 --variants f32 --max-scheduled 4 --policies kestrel --explain 2>&1 >/dev/null \
   | grep -E "Pending|decisions by reason" | tail -4
+
+echo "## 10. Kestrel's scale-down delay (spec.scaling.scaleDownDelaySeconds): 60, 120, 600 s"
+for d in 60 120 600; do
+  run --trace "$CODE" --rate-scale 50 --variants f32 --scale-down-delay-s $d --policies kestrel
+  run --trace "$CONV" --rate-scale 50 --variants f32 --scale-down-delay-s $d --policies kestrel
+done
+for s in 1 2 3 4 5; do
+  echo "conv, delay 60, seed $s: $("$SIM" --trace "$CONV" --rate-scale 50 --variants f32 --scale-down-delay-s 60 --seed $s --policies kestrel --json)"
+done

@@ -24,7 +24,8 @@ use crate::memory::{DemandSample, PolicyMemory, Recommendation, SwitchCandidate}
 ///    and need more than the ready replicas: scale-down is held for a stable window.
 /// 4. Up at once; down only to the highest recommendation over
 ///    `scale_down_delay_s`, removing at most `max_scale_down_fraction` per step
-///    (queue-depth recommendations made in burst mode are held by burst mode only).
+///    (queue-depth and p95 recommendations made in burst mode are held by burst mode
+///    only).
 /// 5. No replicas added while pods are Pending as Unschedulable; max respected.
 /// 6. Variant: the cheapest allowed variant within the quality limit whose need fits
 ///    under max; a switch needs a `switch_min_saving` saving sustained for
@@ -271,11 +272,11 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         _ => 0,
     };
     let rec = target.now.max(latency_rec);
-    // A backlog seen in burst mode is held by burst mode (a stable window), not by the
-    // scale-down delay: once drained it says nothing about sustained demand, which the
-    // rate and latency recommendations track.
+    // What a burst causes (its backlog, and the p95 its backlog inflates) is held by
+    // burst mode (a stable window), not by the scale-down delay: once drained it says
+    // nothing about sustained demand, which the rate recommendation tracks.
     let remembered = if in_burst {
-        target.rate_rec.max(latency_rec).max(min)
+        target.rate_rec.max(min)
     } else {
         rec
     };

@@ -333,9 +333,15 @@ fn a_backlog_seen_in_burst_mode_is_not_held_for_the_scale_down_delay() {
             in_system: 4.0,
         });
     }
-    let burst = with_signals(base(), |s| s.in_flight = 80.0);
+    let burst = with_signals(base(), |s| {
+        s.in_flight = 80.0;
+        s.p95_ms = Some(400.0);
+    });
     let d = decide(&burst, &mem, T0);
     assert_eq!(reps(&d, "f32"), 10, "{}", d.message);
+    assert_eq!(d.recommendations.latency, 6);
+    // Only the rate's need (10/s: 1 replica) is remembered for the scale-down delay.
+    assert_eq!(d.memory.recommendations.last().unwrap().replicas, 1);
     // 70 s later burst mode is over; the 300 s delay holds only the rate's need (1).
     let mut calm_input = with_signals(base(), |s| s.in_flight = 1.0);
     calm_input.fleet = fleet(&[("f32", 10, 10)]);

@@ -1,1 +1,306 @@
-fn main() {}
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use kestrel_crds::contract::{DEFAULT_WORKER_PORT, env};
+use kestrel_worker::batcher::BatchLimits;
+use kestrel_worker::bench::BenchConfig;
+use kestrel_worker::engine::{
+    BackendKind, Device, LoadOptions, LongInput, ONNX_DIR, OrtLibrary, Precision, VariantSpec,
+};
+use kestrel_worker::profile::{self, ProfileConfig, VariantProfile};
+use kestrel_worker::serve::{ServeConfig, serve};
+use tracing::warn;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kestrel-worker",
+    version,
+    about = "Kestrel's inference worker (embeddings)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the OpenAI-compatible embeddings API with dynamic batching.
+    Serve(ServeArgs),
+    /// Measure each variant on this machine (capacity data for the operator).
+    Profile(ProfileArgs),
+    /// Worker HTTP throughput beside sentence-transformers and raw ONNX Runtime.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct ProfileArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Variants to profile, each in its own child process.
+    #[arg(long, value_delimiter = ',', default_value = "f32,int8")]
+    variants: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+    batch_sizes: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32")]
+    concurrency: Vec<usize>,
+    /// Seconds spent on each batch size and concurrency level.
+    #[arg(long, default_value_t = 2.0)]
+    seconds_per_point: f64,
+    /// The batcher's maximum batch for the concurrency runs.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// Print the schema's JSON (kestrel.dev/worker-profile/v1) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Profile in this process instead of one child per variant.
+    #[arg(long, hide = true)]
+    in_process: bool,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Model folder (with onnx/ from scripts/export_onnx.py).
+    #[arg(long, env = env::MODEL_DIR)]
+    model: PathBuf,
+    #[arg(long, value_delimiter = ',', default_value = "f32,int8")]
+    variants: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    concurrency: Vec<usize>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Engine threads (0: one per core), the same for the baselines.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// Python with sentence-transformers and onnxruntime, for the baselines.
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Seconds of 3× overload after the table (0: skip).
+    #[arg(long, default_value_t = 0.0)]
+    overload_seconds: f64,
+}
+
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// Model folder (config.json, tokenizer.json, model.safetensors, onnx/).
+    #[arg(long, env = env::MODEL_DIR)]
+    model: PathBuf,
+    /// cpu or cuda:N.
+    #[arg(long, env = env::DEVICE, default_value = "cpu")]
+    device: String,
+    /// Force a backend (candle, onnx); by default f32 and int8 run on ONNX Runtime on CPU.
+    #[arg(long)]
+    backend: Option<BackendKind>,
+    /// libonnxruntime.so (from the PyPI onnxruntime wheel) for the onnx backend.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_library: Option<PathBuf>,
+    /// Intra-op threads of the engine (0: one per available core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Variant to serve: f32, int8 (ONNX Runtime), f16, bf16 (candle).
+    #[arg(long, env = env::VARIANT, default_value = "f32")]
+    variant: String,
+    #[arg(long, env = env::PORT, default_value_t = DEFAULT_WORKER_PORT)]
+    port: u16,
+    /// Address to bind; the pod needs 0.0.0.0, tests use 127.0.0.1.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: IpAddr,
+    /// Requests admitted and waiting at most; beyond it the answer is 429.
+    #[arg(long, env = env::MAX_QUEUE, default_value_t = 64)]
+    max_queue: usize,
+    /// Inputs per batch at most.
+    #[arg(long, env = env::MAX_BATCH, default_value_t = 32)]
+    max_batch: usize,
+    /// Padded tokens (inputs × longest) per batch at most.
+    #[arg(long, default_value_t = 16384)]
+    max_batch_tokens: usize,
+    /// How long a batch waits for more requests after its oldest was admitted.
+    #[arg(long, default_value_t = 2)]
+    max_batch_wait_ms: u64,
+    /// Seconds between SIGTERM and the end of admission (ready is false meanwhile).
+    #[arg(long, env = env::DRAIN_DELAY_SECONDS, default_value_t = 5.0)]
+    drain_delay_seconds: f64,
+    /// A request not started within this many seconds is answered 503.
+    #[arg(long, default_value_t = 30.0)]
+    request_timeout_seconds: f64,
+    /// Inputs per request at most.
+    #[arg(long, default_value_t = 2048)]
+    max_inputs: usize,
+    /// Inputs longer than the model's maximum: truncate (as sentence-transformers) or refuse (400).
+    #[arg(long, default_value = "truncate", value_parser = ["truncate", "refuse"])]
+    long_input: String,
+}
+
+impl ModelArgs {
+    fn load_options(&self) -> anyhow::Result<(Device, LoadOptions)> {
+        let device: Device = self.device.parse()?;
+        let threads = match self.threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        };
+        let ort_library = OrtLibrary(self.ort_library.clone());
+        Ok((
+            device,
+            LoadOptions {
+                device,
+                threads,
+                ort_library,
+            },
+        ))
+    }
+
+    /// Resolves a variant; f32 without a forced backend falls back to candle when the
+    /// ONNX graph or the ONNX Runtime library is missing.
+    fn variant(&self, name: &str, device: Device) -> anyhow::Result<VariantSpec> {
+        let spec = VariantSpec::resolve(name, self.backend, device)?;
+        let onnx_ready = self.model.join(ONNX_DIR).join(spec.onnx_file()).is_file()
+            && OrtLibrary(self.ort_library.clone()).path().is_ok();
+        if spec.backend == BackendKind::Onnx
+            && self.backend.is_none()
+            && spec.precision == Precision::F32
+            && !onnx_ready
+        {
+            warn!("no ONNX graph or ONNX Runtime library: serving f32 with candle");
+            return Ok(VariantSpec::resolve(
+                name,
+                Some(BackendKind::Candle),
+                device,
+            )?);
+        }
+        Ok(spec)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Serve(args) => {
+            let (device, load) = args.model.load_options()?;
+            let variant = args.model.variant(&args.variant, device)?;
+            let config = ServeConfig {
+                model_dir: args.model.model.clone(),
+                variant,
+                device,
+                load,
+                addr: SocketAddr::new(args.host, args.port),
+                limits: BatchLimits {
+                    max_queue: args.max_queue,
+                    max_batch: args.max_batch.max(1),
+                    max_batch_tokens: args.max_batch_tokens,
+                    max_wait: Duration::from_millis(args.max_batch_wait_ms),
+                },
+                drain_delay: Duration::from_secs_f64(args.drain_delay_seconds),
+                request_timeout: Duration::from_secs_f64(args.request_timeout_seconds),
+                max_inputs: args.max_inputs,
+                long_input: if args.long_input == "refuse" {
+                    LongInput::Refuse
+                } else {
+                    LongInput::Truncate
+                },
+            };
+            runtime.block_on(serve(config))
+        }
+        Command::Profile(args) => run_profile(args, &runtime),
+        Command::Bench(args) => {
+            let threads = match args.threads {
+                0 => std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1),
+                n => n,
+            };
+            let config = BenchConfig {
+                model_dir: args.model,
+                variants: args.variants,
+                concurrency: args.concurrency,
+                seconds: args.seconds,
+                threads,
+                max_batch: args.max_batch,
+                python: args.python,
+                serve_args: Vec::new(),
+                overload_seconds: args.overload_seconds,
+            };
+            let report = runtime.block_on(kestrel_worker::bench::run(&config))?;
+            println!("{report}");
+            Ok(())
+        }
+    }
+}
+
+fn run_profile(args: ProfileArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    let (device, load) = args.model.load_options()?;
+    let config = ProfileConfig {
+        model_dir: args.model.model.clone(),
+        device,
+        load,
+        batch_sizes: args.batch_sizes.clone(),
+        concurrency: args.concurrency.clone(),
+        seconds_per_point: args.seconds_per_point,
+        max_batch: args.max_batch,
+    };
+    let mut variants: Vec<VariantProfile> = Vec::new();
+    for name in &args.variants {
+        let spec = args.model.variant(name, device)?;
+        if args.in_process {
+            variants.push(runtime.block_on(profile::profile_variant(&config, &spec))?);
+            continue;
+        }
+        // One child per variant: its memory and warm-up are its own.
+        let list = |v: &[usize]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.arg("profile")
+            .args(["--model", &args.model.model.display().to_string()])
+            .args(["--device", &args.model.device])
+            .args(["--threads", &config.load.threads.to_string()])
+            .args(["--variants", name])
+            .args(["--batch-sizes", &list(&args.batch_sizes)])
+            .args(["--concurrency", &list(&args.concurrency)])
+            .args(["--seconds-per-point", &args.seconds_per_point.to_string()])
+            .args(["--max-batch", &args.max_batch.to_string()])
+            .args(["--json", "--in-process"]);
+        if let Some(b) = args.model.backend {
+            cmd.args(["--backend", b.as_str()]);
+        }
+        if let Some(lib) = &args.model.ort_library {
+            cmd.arg("--ort-library").arg(lib);
+        }
+        let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+        if !out.status.success() {
+            anyhow::bail!("profiling variant {name} failed ({})", out.status);
+        }
+        let doc: profile::Profile = serde_json::from_slice(&out.stdout)?;
+        variants.extend(doc.variants);
+    }
+    let doc = profile::document(&config, variants);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!("{}", profile::table(&doc));
+    }
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! kestrel-worker: Kestrel's bundled inference server for the embeddings task.
+//!
+//! `engine` runs the model (candle or ONNX Runtime behind one trait), `batcher` owns
+//! the queue and forms batches, `api` is the HTTP surface, `metrics` the contract's
+//! series, `serve` the process lifecycle, `profile` and `bench` the measurements.
+
+pub mod api;
+pub mod batcher;
+pub mod bench;
+pub mod client;
+pub mod corpus;
+pub mod engine;
+pub mod metrics;
+pub mod profile;
+pub mod serve;

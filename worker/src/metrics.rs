@@ -1,0 +1,217 @@
+//! The worker's Prometheus series, named only through `kestrel_crds::contract`.
+//!
+//! prometheus-client appends `_total` to counters when it encodes them, so counters
+//! are registered under the contract name without that suffix.
+
+use kestrel_crds::contract::{labels, metrics as names};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// How a request ended (the `outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Rejected,
+    Error,
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => labels::OUTCOME_OK,
+            Outcome::Rejected => labels::OUTCOME_REJECTED,
+            Outcome::Error => labels::OUTCOME_ERROR,
+            Outcome::Cancelled => labels::OUTCOME_CANCELLED,
+        }
+    }
+}
+
+/// Labels of the model-info series.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub model: String,
+    pub variant: String,
+    pub precision: String,
+    pub device: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub queue_depth: Gauge,
+    pub in_flight: Gauge,
+    pub request_duration: Histogram,
+    pub queue_wait: Histogram,
+    pub batch_size: Histogram,
+    requests: Family<Labels, Counter>,
+    pub tokens: Counter,
+}
+
+fn counter_name(contract_name: &str) -> &str {
+    contract_name
+        .strip_suffix("_total")
+        .unwrap_or(contract_name)
+}
+
+impl Metrics {
+    pub fn new(info: &ModelInfo) -> Self {
+        let mut registry = Registry::default();
+        let queue_depth = Gauge::default();
+        registry.register(
+            names::QUEUE_DEPTH,
+            "Requests admitted and waiting for a batch",
+            queue_depth.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            names::IN_FLIGHT,
+            "Requests admitted and not yet answered",
+            in_flight.clone(),
+        );
+        let request_duration = Histogram::new(names::DURATION_BUCKETS.iter().copied());
+        registry.register(
+            names::REQUEST_DURATION,
+            "Seconds from admission to response",
+            request_duration.clone(),
+        );
+        let queue_wait = Histogram::new(names::DURATION_BUCKETS.iter().copied());
+        registry.register(
+            names::QUEUE_WAIT,
+            "Seconds from admission to the start of the batch that ran the request",
+            queue_wait.clone(),
+        );
+        let batch_size = Histogram::new(names::BATCH_SIZE_BUCKETS.iter().copied());
+        registry.register(
+            names::BATCH_SIZE,
+            "Inputs per executed batch",
+            batch_size.clone(),
+        );
+        let requests = Family::<Labels, Counter>::default();
+        registry.register(
+            counter_name(names::REQUESTS_TOTAL),
+            "Requests by outcome",
+            requests.clone(),
+        );
+        let tokens = Counter::default();
+        registry.register(
+            counter_name(names::TOKENS_TOTAL),
+            "Input tokens processed",
+            tokens.clone(),
+        );
+        let model_info = Family::<Labels, Gauge>::default();
+        model_info
+            .get_or_create(&vec![
+                (labels::MODEL, info.model.clone()),
+                (labels::VARIANT, info.variant.clone()),
+                (labels::PRECISION, info.precision.clone()),
+                (labels::DEVICE, info.device.clone()),
+            ])
+            .set(1);
+        registry.register(
+            names::MODEL_INFO,
+            "The served model and variant (always 1)",
+            model_info,
+        );
+        let metrics = Metrics {
+            registry,
+            queue_depth,
+            in_flight,
+            request_duration,
+            queue_wait,
+            batch_size,
+            requests,
+            tokens,
+        };
+        // Every outcome exists from the start, so rate() works before the first error.
+        for o in [
+            Outcome::Ok,
+            Outcome::Rejected,
+            Outcome::Error,
+            Outcome::Cancelled,
+        ] {
+            metrics.outcome_counter(o);
+        }
+        metrics
+    }
+
+    fn outcome_counter(&self, outcome: Outcome) -> Counter {
+        self.requests
+            .get_or_create(&vec![(labels::OUTCOME, outcome.as_str().to_string())])
+            .clone()
+    }
+
+    pub fn count(&self, outcome: Outcome) {
+        self.outcome_counter(outcome).inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exposition's series families are exactly the contract's names.
+    #[test]
+    fn exposition_uses_exactly_the_contract_names() {
+        let m = Metrics::new(&ModelInfo {
+            model: "m".into(),
+            variant: "f32".into(),
+            precision: "f32".into(),
+            device: "cpu".into(),
+        });
+        m.count(Outcome::Ok);
+        m.tokens.inc_by(3);
+        m.request_duration.observe(0.01);
+        let text = m.encode();
+        let mut families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        families.sort();
+        let mut expected = vec![
+            names::QUEUE_DEPTH,
+            names::IN_FLIGHT,
+            names::REQUEST_DURATION,
+            names::QUEUE_WAIT,
+            names::BATCH_SIZE,
+            counter_name(names::REQUESTS_TOTAL),
+            counter_name(names::TOKENS_TOTAL),
+            names::MODEL_INFO,
+        ];
+        expected.sort();
+        assert_eq!(families, expected);
+        // The sample names carry the contract's full counter names.
+        assert!(
+            text.contains(&format!("{}{{outcome=\"ok\"}} 1", names::REQUESTS_TOTAL)),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 3", names::TOKENS_TOTAL)),
+            "{text}"
+        );
+        for o in ["ok", "rejected", "error", "cancelled"] {
+            assert!(text.contains(&format!("{}{{outcome=\"{o}\"}}", names::REQUESTS_TOTAL)));
+        }
+        assert!(text.contains(&format!(
+            "{}{{model=\"m\",variant=\"f32\",precision=\"f32\",device=\"cpu\"}} 1",
+            names::MODEL_INFO
+        )));
+        assert!(text.contains(&format!(
+            "{}_bucket{{le=\"0.001\"}}",
+            names::REQUEST_DURATION
+        )));
+    }
+}

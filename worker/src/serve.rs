@@ -1,0 +1,170 @@
+//! `kestrel-worker serve`: load, warm, serve, and drain on SIGTERM.
+//!
+//! Drain order: `/ready` turns false at once; requests are still admitted for the drain
+//! delay (while endpoint removal propagates); then admission stops, the listener
+//! closes, admitted requests finish, and the process exits 0.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tracing::info;
+
+use crate::api::{AppState, router};
+use crate::batcher::{BatchLimits, Batcher};
+use crate::engine::{
+    Device, LoadOptions, LongInput, MODEL_NAME, TextTokenizer, VariantSpec, load_backend,
+};
+use crate::metrics::{Metrics, ModelInfo};
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub model_dir: PathBuf,
+    pub variant: VariantSpec,
+    pub device: Device,
+    pub load: LoadOptions,
+    pub addr: SocketAddr,
+    pub limits: BatchLimits,
+    pub drain_delay: Duration,
+    pub request_timeout: Duration,
+    pub max_inputs: usize,
+    pub long_input: LongInput,
+}
+
+/// A loaded, warmed model behind a running batcher.
+pub struct Loaded {
+    pub state: AppState,
+    pub batcher_task: tokio::task::JoinHandle<()>,
+    pub load_seconds: f64,
+}
+
+/// Loads the tokenizer and variant, warms it with one batch and starts the batcher.
+pub async fn load(config: &ServeConfig) -> anyhow::Result<Loaded> {
+    let started = Instant::now();
+    let tokenizer = Arc::new(TextTokenizer::load(&config.model_dir)?);
+    let (dir, variant, options) = (
+        config.model_dir.clone(),
+        config.variant.clone(),
+        config.load.clone(),
+    );
+    let tok = tokenizer.clone();
+    let (backend, dimension) = tokio::task::spawn_blocking(move || {
+        let mut backend = load_backend(&dir, &variant, &options)?;
+        // Warm-up: the first run allocates and plans; readiness waits for it.
+        let warm: Vec<Vec<u32>> = [
+            "kestrel warm-up",
+            "a second, slightly longer warm-up sentence",
+        ]
+        .iter()
+        .map(|s| tok.encode(s).map(|e| e.ids))
+        .collect::<Result<_, _>>()?;
+        let seqs: Vec<&[u32]> = warm.iter().map(Vec::as_slice).collect();
+        backend.embed(&crate::engine::TokenBatch::pad(&seqs, tok.pad_id()))?;
+        let dim = backend.dimension();
+        anyhow::Ok((backend, dim))
+    })
+    .await
+    .context("the loading thread panicked")?
+    .with_context(|| {
+        format!(
+            "failed to load variant {} from {}",
+            config.variant.name,
+            config.model_dir.display()
+        )
+    })?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    let metrics = Arc::new(Metrics::new(&ModelInfo {
+        model: MODEL_NAME.to_string(),
+        variant: config.variant.name.clone(),
+        precision: config.variant.precision.as_str().to_string(),
+        device: config.device.to_string(),
+    }));
+    let (batcher, batcher_task) = Batcher::start(
+        backend,
+        tokenizer.pad_id(),
+        config.limits.clone(),
+        metrics.clone(),
+    );
+    info!(
+        variant = %config.variant.name,
+        backend = config.variant.backend.as_str(),
+        device = %config.device,
+        dimension,
+        load_seconds,
+        "model loaded and warmed"
+    );
+    let state = AppState {
+        batcher,
+        tokenizer,
+        metrics,
+        ready: Arc::new(AtomicBool::new(true)),
+        model_name: MODEL_NAME.to_string(),
+        dimension,
+        max_inputs: config.max_inputs,
+        long_input: config.long_input,
+        request_timeout: config.request_timeout,
+    };
+    Ok(Loaded {
+        state,
+        batcher_task,
+        load_seconds,
+    })
+}
+
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let Loaded {
+        state,
+        batcher_task,
+        ..
+    } = load(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("failed to bind {}", config.addr))?;
+    let addr = listener.local_addr()?;
+    info!(%addr, "listening");
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain = {
+        let ready = state.ready.clone();
+        let batcher = state.batcher.clone();
+        let delay = config.drain_delay;
+        tokio::spawn(async move {
+            wait_for_termination().await;
+            ready.store(false, Ordering::SeqCst);
+            info!(
+                delay_seconds = delay.as_secs_f64(),
+                "termination requested: not ready, draining"
+            );
+            tokio::time::sleep(delay).await;
+            batcher.stop_admitting();
+            info!(
+                waiting = batcher.waiting(),
+                "admission stopped; finishing admitted requests"
+            );
+            let _ = shutdown_tx.send(());
+        })
+    };
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async {
+            let _ = shutdown_rx.await;
+        })
+        .await
+        .context("the HTTP server failed")?;
+    // The router (and its batcher handles) is gone: the batcher ends once its queue is empty.
+    batcher_task.await.context("the batcher task panicked")?;
+    drain.abort();
+    info!("drained; exiting");
+    Ok(())
+}
+
+async fn wait_for_termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("failed to install the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

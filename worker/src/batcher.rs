@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info};
 
-use crate::engine::{EmbeddingBackend, EngineError, TokenBatch};
+use crate::engine::{EmbeddingBackend, EngineError, embed_grouped};
 use crate::metrics::{Metrics, Outcome};
 
 /// Limits of the batcher.
@@ -76,7 +76,7 @@ impl Batcher {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let waiting = Arc::new(AtomicUsize::new(0));
-        let engine = Engine::spawn(backend);
+        let engine = Engine::spawn(backend, pad_id);
         let owner = QueueOwner {
             rx,
             queue: VecDeque::new(),
@@ -84,7 +84,6 @@ impl Batcher {
             limits: limits.clone(),
             metrics: metrics.clone(),
             engine,
-            pad_id,
         };
         let task = tokio::spawn(owner.run());
         let handle = Batcher {
@@ -147,24 +146,24 @@ type EngineReply = oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>;
 
 /// The engine thread: owns the model, runs one batch at a time.
 struct Engine {
-    tx: std::sync::mpsc::Sender<(TokenBatch, EngineReply)>,
+    tx: std::sync::mpsc::Sender<(Vec<Vec<u32>>, EngineReply)>,
 }
 
 impl Engine {
-    fn spawn(mut backend: Box<dyn EmbeddingBackend>) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<(TokenBatch, EngineReply)>();
+    fn spawn(mut backend: Box<dyn EmbeddingBackend>, pad_id: u32) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<(Vec<Vec<u32>>, EngineReply)>();
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
                 while let Ok((batch, reply)) = rx.recv() {
-                    let _ = reply.send(backend.embed(&batch));
+                    let _ = reply.send(embed_grouped(backend.as_mut(), &batch, pad_id));
                 }
             })
             .expect("failed to spawn the engine thread");
         Engine { tx }
     }
 
-    async fn run(&self, batch: TokenBatch) -> Result<Vec<Vec<f32>>, EngineError> {
+    async fn run(&self, batch: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((batch, reply))
@@ -186,7 +185,6 @@ struct QueueOwner {
     limits: BatchLimits,
     metrics: Arc<Metrics>,
     engine: Engine,
-    pad_id: u32,
 }
 
 impl QueueOwner {
@@ -302,7 +300,7 @@ impl QueueOwner {
         let mut failure = None;
         for chunk in seqs.chunks(self.limits.max_batch.max(1)) {
             self.metrics.batch_size.observe(chunk.len() as f64);
-            let batch = TokenBatch::pad(chunk, self.pad_id);
+            let batch: Vec<Vec<u32>> = chunk.iter().map(|s| s.to_vec()).collect();
             match self.engine.run(batch).await {
                 Ok(out) => outputs.extend(out),
                 Err(e) => {

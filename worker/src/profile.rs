@@ -19,7 +19,7 @@ use crate::batcher::{BatchLimits, Batcher};
 use crate::corpus;
 use crate::engine::{
     Device, EmbeddingBackend, LoadOptions, MODEL_NAME, TextTokenizer, TokenBatch, VariantSpec,
-    cosine, load_backend,
+    cosine, embed_grouped, load_backend,
 };
 use crate::metrics::{Metrics, ModelInfo};
 
@@ -147,8 +147,7 @@ pub fn measure_quality(
         .collect::<Result<_, _>>()?;
     let mut cosines = Vec::new();
     for (chunk, refs) in ids.chunks(16).zip(reference.chunks(16)) {
-        let seqs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-        let out = backend.embed(&TokenBatch::pad(&seqs, tokenizer.pad_id()))?;
+        let out = embed_grouped(backend, chunk, tokenizer.pad_id())?;
         cosines.extend(
             out.iter()
                 .zip(refs)
@@ -181,13 +180,13 @@ pub fn measure_batches(
                 .map(|i| ids[(offset + i) % ids.len()].as_slice())
                 .collect();
             offset += size;
-            TokenBatch::pad(&seqs, tokenizer.pad_id())
+            seqs
         };
-        backend.embed(&next_batch())?; // warm this shape
+        embed_grouped(backend, &next_batch(), tokenizer.pad_id())?; // warm this shape
         let (started, mut runs) = (Instant::now(), 0usize);
         while runs < 3 || started.elapsed().as_secs_f64() < seconds {
             let batch = next_batch();
-            backend.embed(&batch)?;
+            embed_grouped(backend, &batch, tokenizer.pad_id())?;
             runs += 1;
         }
         let elapsed = started.elapsed().as_secs_f64();

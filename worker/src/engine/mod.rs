@@ -265,6 +265,49 @@ impl TokenBatch {
     }
 }
 
+/// Padded tokens allowed per real token inside one engine call.
+const PADDING_SLACK: f64 = 1.25;
+
+/// Embeds sequences in groups of similar length: sorted by length and cut where
+/// padding to the group's longest would exceed [`PADDING_SLACK`]. Short and long
+/// inputs in one batch then cost what they would alone, while groups stay large
+/// enough for efficient matrix products. Outputs are in input order.
+pub fn embed_grouped<S: AsRef<[u32]>>(
+    backend: &mut dyn EmbeddingBackend,
+    seqs: &[S],
+    pad_id: u32,
+) -> Result<Vec<Vec<f32>>, EngineError> {
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| seqs[i].as_ref().len());
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
+    let mut start = 0;
+    while start < order.len() {
+        let (mut end, mut real) = (start, 0usize);
+        while end < order.len() {
+            let len = seqs[order[end]].as_ref().len();
+            let rows = end - start + 1;
+            if end > start && (len * rows) as f64 > PADDING_SLACK * (real + len) as f64 {
+                break;
+            }
+            real += len;
+            end += 1;
+        }
+        let group: Vec<&[u32]> = order[start..end]
+            .iter()
+            .map(|&i| seqs[i].as_ref())
+            .collect();
+        let embedded = backend.embed(&TokenBatch::pad(&group, pad_id))?;
+        for (&i, e) in order[start..end].iter().zip(embedded) {
+            out[i] = Some(e);
+        }
+        start = end;
+    }
+    Ok(out
+        .into_iter()
+        .map(|e| e.expect("every input embedded"))
+        .collect())
+}
+
 /// One loaded model variant: token ids in, normalized embeddings out.
 pub trait EmbeddingBackend: Send {
     /// Embeds every row of `batch`; returns `rows` vectors of the model's dimension,

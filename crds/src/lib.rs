@@ -2,6 +2,7 @@
 //!
 //! `crdgen` prints [`crds_yaml`]; `crds/generated/` holds exactly that output and a test
 //! fails when the two drift.
+pub mod apidoc;
 pub mod contract;
 pub mod v1alpha1;
 

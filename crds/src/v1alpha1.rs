@@ -213,7 +213,7 @@ impl Precision {
 /// What a variant runs on.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.kind == 'nvidia' || (!has(self.count) && size(self.products) == 0 && !has(self.migProfile))").message("accelerator: count, products and migProfile apply only to kind nvidia"))]
+#[x_kube(validation = Rule::new("self.kind == 'nvidia' || (!has(self.count) && (!has(self.products) || size(self.products) == 0) && !has(self.migProfile))").message("accelerator: count, products and migProfile apply only to kind nvidia"))]
 pub struct AcceleratorSpec {
     /// `cpu` (default) or `nvidia`.
     #[serde(default)]

@@ -167,7 +167,7 @@ async fn pipeline(
         }
     };
 
-    let mut observed = observe::owned_objects(&ctx.client, &namespace, &name)
+    let mut observed = observe::owned_objects(now.0.as_second(), &ctx.client, &namespace, &name)
         .await
         .map_err(|source| ReconcileError::Observe {
             namespace: namespace.clone(),

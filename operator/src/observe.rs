@@ -72,6 +72,9 @@ pub enum PodProblem {
     },
     /// The container runs but readiness keeps failing.
     NotReady { pod: String },
+    /// The container has not been created for a long time (a volume that cannot be
+    /// mounted, a missing secret…); the pod's Events say which.
+    StuckCreating { pod: String, seconds: i64 },
 }
 
 impl PodProblem {
@@ -86,6 +89,7 @@ impl PodProblem {
             PodProblem::CrashLooping { .. } => "CrashLoopBackOff",
             PodProblem::ConfigError { .. } => "ContainerConfigError",
             PodProblem::NotReady { .. } => "ReadinessFailing",
+            PodProblem::StuckCreating { .. } => "ContainerNotCreated",
         }
     }
 
@@ -122,12 +126,18 @@ impl PodProblem {
             PodProblem::NotReady { pod } => {
                 format!("pod {pod} is running but its readiness probe fails")
             }
+            PodProblem::StuckCreating { pod, seconds } => format!(
+                "pod {pod} has not started its container for {seconds}s; `kubectl describe pod {pod}` shows why (e.g. a volume that cannot be mounted)"
+            ),
         }
     }
 }
 
-/// Reads one pod's state into a problem, if it has one. Pure.
-pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
+/// A container still being created after this long is reported as stuck.
+pub const STUCK_CREATING_SECONDS: i64 = 90;
+
+/// Reads one pod's state into a problem, if it has one. Pure (`now` in Unix seconds).
+pub fn pod_problem(pod: &Pod, now: i64) -> Option<PodProblem> {
     let name = pod.name_any();
     let status = pod.status.as_ref()?;
     if pod.metadata.deletion_timestamp.is_some() {
@@ -178,6 +188,19 @@ pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
                     message,
                 });
             }
+            "ContainerCreating" | "PodInitializing" => {
+                let created = pod
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or(now, |t| t.0.as_second());
+                if now - created > STUCK_CREATING_SECONDS {
+                    return Some(PodProblem::StuckCreating {
+                        pod: name,
+                        seconds: now - created,
+                    });
+                }
+            }
             _ => {}
         }
         let running = cs.state.as_ref().and_then(|s| s.running.as_ref());
@@ -204,6 +227,7 @@ pub fn deployment_state(d: &Deployment) -> DeploymentState {
 
 /// Lists what the operator owns for one ModelDeployment.
 pub async fn owned_objects(
+    now: i64,
     client: &Client,
     namespace: &str,
     name: &str,
@@ -228,7 +252,11 @@ pub async fn owned_objects(
                 .as_ref()
                 .and_then(|a| a.get(APPLIED_HASH).cloned()),
         };
-    let mut pod_problems: Vec<PodProblem> = pods.items.iter().filter_map(pod_problem).collect();
+    let mut pod_problems: Vec<PodProblem> = pods
+        .items
+        .iter()
+        .filter_map(|p| pod_problem(p, now))
+        .collect();
     pod_problems.sort();
     Ok(Observed {
         deployments: deployments
@@ -278,7 +306,7 @@ mod tests {
             json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
             "reason": "Unschedulable", "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}]}),
         );
-        let problem = pod_problem(&p).unwrap();
+        let problem = pod_problem(&p, 0).unwrap();
         assert_eq!(problem.reason(), "Unschedulable");
         assert_eq!(
             problem.message(),
@@ -294,7 +322,7 @@ mod tests {
             "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
             "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}),
         );
-        let problem = pod_problem(&p).unwrap();
+        let problem = pod_problem(&p, 0).unwrap();
         assert_eq!(problem.reason(), "OOMKilled");
         assert_eq!(
             problem.message(),
@@ -310,9 +338,21 @@ mod tests {
             "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "image w:1 is not present"}}}]}),
         );
         assert_eq!(
-            pod_problem(&p).unwrap().message(),
+            pod_problem(&p, 0).unwrap().message(),
             "pod p-1: ErrImageNeverPull: image w:1 is not present"
         );
+    }
+
+    #[test]
+    fn a_container_stuck_creating_is_reported_after_the_grace() {
+        let p: Pod = serde_json::from_value(json!({"metadata": {"name": "p-1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": "Pending", "containerStatuses": [{"name": "worker", "image": "w", "imageID": "",
+            "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}})).unwrap();
+        let created = 1_767_225_600; // 2026-01-01T00:00:00Z
+        assert_eq!(pod_problem(&p, created + 30), None);
+        let problem = pod_problem(&p, created + 120).unwrap();
+        assert_eq!(problem.reason(), "ContainerNotCreated");
+        assert!(problem.message().contains("120s"), "{}", problem.message());
     }
 
     #[test]
@@ -322,6 +362,6 @@ mod tests {
             "containerStatuses": [{"name": "worker", "image": "w", "imageID": "", "ready": true, "restartCount": 0,
             "state": {"running": {}}}]}),
         );
-        assert_eq!(pod_problem(&p), None);
+        assert_eq!(pod_problem(&p, 0), None);
     }
 }

@@ -1,0 +1,403 @@
+//! The operator against a real API server, scheduler and kubelet: admission, owned
+//! objects and garbage collection, `kubectl scale`, truthful status for pods that cannot
+//! be scheduled or pulled, and `kubectl get` columns.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kestrel_crds::ModelDeployment;
+use kestrel_e2e::{TestNamespace, condition, wait_for};
+use kube::api::{DeleteParams, ListParams};
+use kube::{Api, ResourceExt};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A valid embeddings ModelDeployment; `extra` is spliced into `spec`.
+fn md_yaml(name: &str, variants: &str, extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: kestrel.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: {name}}}
+spec:
+  model: {{name: all-MiniLM-L6-v2, task: embeddings, source: {{hostPath: {{path: /tmp}}}}}}
+  variants: {variants}
+  slo: {{p95LatencyMs: 200}}
+  worker: {{image: "kestrel-absent:none", imagePullPolicy: Never}}
+{extra}
+"#
+    )
+}
+
+const F32: &str = "[{name: f32, precision: f32}]";
+
+#[tokio::test]
+async fn a_bad_spec_is_refused_at_admission_with_a_message_naming_the_field() {
+    let ns = TestNamespace::new("admission").await.unwrap();
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "min above max",
+            md_yaml("bad", F32, "  scaling: {minReplicas: 5, maxReplicas: 2}"),
+            "spec.scaling.minReplicas must be less than or equal to spec.scaling.maxReplicas",
+        ),
+        ("no variants", md_yaml("bad", "[]", ""), "spec.variants"),
+        (
+            "duplicate variant names",
+            md_yaml(
+                "bad",
+                "[{name: a, precision: f32}, {name: a, precision: f16}]",
+                "",
+            ),
+            "variant names must be unique",
+        ),
+        (
+            "quality loss above 1",
+            md_yaml("bad", "[{name: a, precision: f32, qualityLoss: 1.5}]", ""),
+            "spec.variants[0].qualityLoss",
+        ),
+        (
+            "zero latency target",
+            md_yaml("bad", F32, "").replace("p95LatencyMs: 200", "p95LatencyMs: 0"),
+            "spec.slo.p95LatencyMs",
+        ),
+        (
+            "unknown precision",
+            md_yaml("bad", "[{name: a, precision: int3}]", ""),
+            "spec.variants[0].precision",
+        ),
+        (
+            "two weight sources",
+            md_yaml("bad", F32, "").replace(
+                "source: {hostPath:",
+                "source: {persistentVolumeClaim: {claimName: w}, hostPath:",
+            ),
+            "set exactly one of persistentVolumeClaim or hostPath",
+        ),
+        (
+            "gpu fields on a cpu variant",
+            md_yaml(
+                "bad",
+                "[{name: a, precision: f32, accelerator: {kind: cpu, count: 2}}]",
+                "",
+            ),
+            "apply only to kind nvidia",
+        ),
+        (
+            "budget quality loss below 0",
+            md_yaml("bad", F32, "  budget: {maxQualityLoss: -0.1}"),
+            "spec.budget.maxQualityLoss",
+        ),
+        (
+            "bad price",
+            md_yaml(
+                "bad",
+                "[{name: a, precision: f32, pricePerHour: \"cheap\"}]",
+                "",
+            ),
+            "spec.variants[0].pricePerHour",
+        ),
+    ];
+    for (what, yaml, field) in cases {
+        let file = std::env::temp_dir().join(format!("{}-bad.yaml", ns.name));
+        std::fs::write(&file, yaml).unwrap();
+        let out = tokio::process::Command::new(kestrel_e2e::kubectl_bin())
+            .args(["apply", "-n", &ns.name, "-f"])
+            .arg(&file)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{what}: kubectl apply should have been refused"
+        );
+        assert!(
+            stderr.contains(field),
+            "{what}: the refusal should name {field:?}; got: {stderr}"
+        );
+    }
+    let api: Api<ModelDeployment> = ns.api();
+    assert!(
+        api.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "nothing was stored"
+    );
+}
+
+#[tokio::test]
+async fn a_valid_spec_creates_owned_objects_that_are_garbage_collected_with_it() {
+    let mut ns = TestNamespace::new("owned").await.unwrap();
+    ns.start_operator(&[]).unwrap();
+    ns.apply_yaml(&md_yaml(
+        "minilm",
+        F32,
+        "  scaling: {enabled: false}\n  replicas: 2",
+    ))
+    .await
+    .unwrap();
+
+    let deployments: Api<Deployment> = ns.api();
+    let services: Api<Service> = ns.api();
+    let pdbs: Api<PodDisruptionBudget> = ns.api();
+    wait_for("Deployment, Service and PDB", MINUTE, || async {
+        Ok(deployments.get_opt("minilm-f32").await?.is_some()
+            && services.get_opt("minilm").await?.is_some()
+            && pdbs.get_opt("minilm").await?.is_some())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", ns.operator_log()));
+
+    let d = deployments.get("minilm-f32").await.unwrap();
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(2));
+    let owner = &d.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("ModelDeployment", "minilm", Some(true))
+    );
+    assert_eq!(d.labels()["kestrel.dev/variant"], "f32");
+    let managers: Vec<_> = d
+        .managed_fields()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(
+        managers.contains(&"kestrel-operator".to_owned()),
+        "server-side applied by kestrel-operator: {managers:?}"
+    );
+
+    let mds: Api<ModelDeployment> = ns.api();
+    mds.delete("minilm", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    wait_for(
+        "garbage collection of the owned objects",
+        MINUTE,
+        || async {
+            Ok(deployments.get_opt("minilm-f32").await?.is_none()
+                && services.get_opt("minilm").await?.is_none()
+                && pdbs.get_opt("minilm").await?.is_none())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn kubectl_scale_changes_replicas_when_scaling_is_disabled() {
+    let mut ns = TestNamespace::new("scale").await.unwrap();
+    ns.start_operator(&[]).unwrap();
+    ns.apply_yaml(&md_yaml(
+        "minilm",
+        F32,
+        "  scaling: {enabled: false}\n  replicas: 1",
+    ))
+    .await
+    .unwrap();
+    ns.wait_md("minilm", "the first status", MINUTE, |md| {
+        md.status.as_ref().is_some_and(|s| s.desired_replicas == 1)
+    })
+    .await
+    .unwrap();
+    ns.kubectl(&[
+        "scale",
+        "-n",
+        &ns.name,
+        "modeldeployment/minilm",
+        "--replicas=3",
+    ])
+    .await
+    .unwrap();
+    let deployments: Api<Deployment> = ns.api();
+    wait_for("the Deployment to follow kubectl scale", MINUTE, || async {
+        Ok(deployments
+            .get("minilm-f32")
+            .await?
+            .spec
+            .and_then(|s| s.replicas)
+            == Some(3))
+    })
+    .await
+    .unwrap();
+    let md = ns
+        .wait_md("minilm", "desiredReplicas 3", MINUTE, |md| {
+            md.status.as_ref().is_some_and(|s| s.desired_replicas == 3)
+        })
+        .await
+        .unwrap();
+    let status = md.status.unwrap();
+    assert_eq!(
+        status.selector.as_deref(),
+        Some("kestrel.dev/model-deployment=minilm")
+    );
+    let scale = ns
+        .kubectl(&[
+            "get",
+            "-n",
+            &ns.name,
+            "--raw",
+            &format!(
+                "/apis/kestrel.dev/v1alpha1/namespaces/{}/modeldeployments/minilm/scale",
+                ns.name
+            ),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        scale.contains("\"replicas\":3"),
+        "scale subresource reports 3: {scale}"
+    );
+}
+
+#[tokio::test]
+async fn more_gpus_than_the_node_has_shows_ready_false_with_the_schedulers_reason() {
+    let mut ns = TestNamespace::new("gpu-unsched").await.unwrap();
+    ns.start_operator(&[]).unwrap();
+    let variants = "[{name: big, precision: f16, accelerator: {kind: nvidia, count: 6, products: [NVIDIA-H100-80GB-HBM3]}}]";
+    ns.apply_yaml(&md_yaml(
+        "llm",
+        variants,
+        "  scaling: {enabled: false}\n  replicas: 1",
+    ))
+    .await
+    .unwrap();
+    let md = ns
+        .wait_md("llm", "Ready=False Unschedulable", 2 * MINUTE, |md| {
+            condition(md, "Ready")
+                .is_some_and(|c| c.status == "False" && c.reason == "Unschedulable")
+        })
+        .await
+        .unwrap();
+    let ready = condition(&md, "Ready").unwrap();
+    assert!(
+        ready.message.contains("nvidia.com/gpu"),
+        "the scheduler's reason names the resource: {}",
+        ready.message
+    );
+    assert!(
+        ready.message.contains("0/1 replicas ready"),
+        "{}",
+        ready.message
+    );
+    let degraded = condition(&md, "Degraded").unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "Unschedulable")
+    );
+    let events = ns.events().await.unwrap();
+    assert!(
+        events.contains("Warning llm Unschedulable"),
+        "a Warning Event says so:\n{events}"
+    );
+}
+
+#[tokio::test]
+async fn a_gpu_variant_lands_on_a_node_of_an_acceptable_product() {
+    let mut ns = TestNamespace::new("gpu-sched").await.unwrap();
+    ns.start_operator(&[]).unwrap();
+    let variants = "[{name: h100, precision: f16, accelerator: {kind: nvidia, count: 1, products: [NVIDIA-B200, NVIDIA-H100-80GB-HBM3]}}]";
+    ns.apply_yaml(&md_yaml(
+        "llm",
+        variants,
+        "  scaling: {enabled: false}\n  replicas: 1",
+    ))
+    .await
+    .unwrap();
+    let pods: Api<Pod> = ns.api();
+    wait_for("the GPU pod to be scheduled", 2 * MINUTE, || async {
+        Ok(pods
+            .list(&ListParams::default().labels("kestrel.dev/model-deployment=llm"))
+            .await?
+            .items
+            .iter()
+            .any(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()))
+    })
+    .await
+    .unwrap();
+    let pod = pods
+        .list(&ListParams::default().labels("kestrel.dev/model-deployment=llm"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    let node = pod.spec.as_ref().unwrap().node_name.clone().unwrap();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(ns.client.clone());
+    let product = nodes
+        .get(&node)
+        .await
+        .unwrap()
+        .labels()
+        .get("nvidia.com/gpu.product")
+        .cloned();
+    assert!(
+        matches!(
+            product.as_deref(),
+            Some("NVIDIA-B200" | "NVIDIA-H100-80GB-HBM3")
+        ),
+        "pod landed on {node} with product {product:?}"
+    );
+    let limits = pod.spec.unwrap().containers[0]
+        .resources
+        .clone()
+        .unwrap()
+        .limits
+        .unwrap();
+    assert_eq!(limits["nvidia.com/gpu"].0, "1");
+}
+
+#[tokio::test]
+async fn an_image_that_is_not_present_shows_ready_false_with_the_kubelets_reason() {
+    let mut ns = TestNamespace::new("noimage").await.unwrap();
+    ns.start_operator(&[]).unwrap();
+    ns.apply_yaml(&md_yaml(
+        "minilm",
+        F32,
+        "  scaling: {enabled: false}\n  replicas: 1",
+    ))
+    .await
+    .unwrap();
+    let md = ns
+        .wait_md("minilm", "Ready=False ImageUnavailable", 2 * MINUTE, |md| {
+            condition(md, "Ready").is_some_and(|c| c.reason == "ImageUnavailable")
+        })
+        .await
+        .unwrap();
+    let msg = &condition(&md, "Ready").unwrap().message;
+    assert!(
+        msg.contains("kestrel-absent:none"),
+        "names the image: {msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_precision_the_task_cannot_serve_is_reported_in_status_not_retried_hot() {
+    let mut ns = TestNamespace::new("badprec").await.unwrap();
+    ns.start_operator(&[]).unwrap();
+    ns.apply_yaml(&md_yaml("minilm", "[{name: k4, precision: q4_k_m}]", ""))
+        .await
+        .unwrap();
+    let md = ns
+        .wait_md("minilm", "Ready=False InvalidSpec", MINUTE, |md| {
+            condition(md, "Ready").is_some_and(|c| c.reason == "InvalidSpec")
+        })
+        .await
+        .unwrap();
+    let msg = &condition(&md, "Ready").unwrap().message;
+    assert!(msg.contains("spec.variants[0].precision"), "{msg}");
+    let deployments: Api<Deployment> = ns.api();
+    assert!(
+        deployments
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "nothing was created"
+    );
+    let events = ns.events().await.unwrap();
+    assert!(events.contains("Warning minilm InvalidSpec"), "{events}");
+}

@@ -1,34 +1,277 @@
-//! The bridge between the operator's view and kestrel-policy's pure decision.
+//! The bridge between the operator's view and kestrel-policy's pure decision: converts
+//! the valid spec, the owned Deployments, the signals and the worker profiles into the
+//! policy's input, and its Decision back into a [`Plan`].
 
 use std::collections::BTreeMap;
 
-use crate::decide::Plan;
-use crate::observe::Observed;
-use crate::validate::ValidDeployment;
+use kestrel_crds::v1alpha1::ConflictPolicy;
+use kestrel_policy::profile::{ProfileVariant, WorkerProfile};
+use kestrel_policy::{
+    Budget, BudgetPolicy, DecisionInput, DecisionReason, Fleet, PolicyMemory, ScalingLimits,
+    Signals, Targets, Timestamp, Tuning, VariantReplicas, VariantSpec,
+};
 
-/// Placeholder until kestrel-policy's decide() is wired in: hold min replicas.
+use crate::decide::{Plan, unschedulable};
+use crate::observe::Observed;
+use crate::signals::SignalsReading;
+use crate::validate::{ValidDeployment, ValidVariant};
+
+/// Largest share of replicas removed in one scale-down step.
+const MAX_SCALE_DOWN_FRACTION: f64 = 0.5;
+
+/// Capacity data: the worker profiles the operator was given (`--profiles`).
+#[derive(Clone, Debug, Default)]
+pub struct Profiles(pub Vec<WorkerProfile>);
+
+impl Profiles {
+    /// The profile bundled with the operator (measured with `kestrel-worker profile`).
+    pub fn bundled() -> Self {
+        let text = include_str!("../policy/profiles/minilm-cpu.json");
+        Self(vec![
+            WorkerProfile::from_json(text).expect("the bundled profile parses"),
+        ])
+    }
+
+    /// The measured variant closest to `v`: same precision on the same kind of device,
+    /// else the same precision anywhere, else the first one measured.
+    fn for_variant(&self, v: &ValidVariant) -> Option<&ProfileVariant> {
+        let precision = v.precision.as_str();
+        let same_precision = |p: &&ProfileVariant| {
+            p.precision == precision
+                || p.variant == precision
+                || (precision == "q8_0" && p.precision == "int8")
+        };
+        let on_gpu = v.accelerator.is_gpu();
+        let all = || self.0.iter().flat_map(|p| p.variants.iter());
+        all()
+            .filter(same_precision)
+            .find(|p| p.device.starts_with("cuda") == on_gpu)
+            .or_else(|| all().find(same_precision))
+            .or_else(|| all().next())
+    }
+}
+
+/// Builds the policy's input. Pure.
+pub fn input(md: &ValidDeployment, observed: &Observed, profiles: &Profiles) -> DecisionInput {
+    let variants = md
+        .variants
+        .iter()
+        .filter_map(|v| {
+            let measured = profiles.for_variant(v)?;
+            let mut spec: VariantSpec = measured.spec(v.price_per_hour, true);
+            spec.name = v.name.clone();
+            if let Some(q) = v.quality_loss {
+                spec.quality_loss = q;
+            }
+            Some(spec)
+        })
+        .collect();
+    let fleet = Fleet {
+        variants: observed
+            .deployments
+            .iter()
+            .map(|(name, d)| {
+                let replicas = VariantReplicas {
+                    replicas: d.spec_replicas.max(0) as u32,
+                    ready: d.ready_replicas.max(0) as u32,
+                };
+                (name.clone(), replicas)
+            })
+            .collect(),
+        pending_unschedulable: unschedulable(observed),
+    };
+    let signals = match &observed.signals {
+        Some(SignalsReading::Fresh(s)) => Some(Signals {
+            queue_depth: s.waiting,
+            in_flight: s.in_flight,
+            arrival_rate: s.arrival_rate,
+            arrival_rate_short: s.arrival_rate_short,
+            p95_ms: s.p95_ms,
+            observed_throughput: Some(s.throughput),
+            age_seconds: s.age_seconds,
+        }),
+        _ => None,
+    };
+    DecisionInput {
+        targets: Targets {
+            p95_latency_ms: md.slo.p95_latency_ms,
+            queue_depth_per_replica: md.slo.target_queue_per_replica,
+        },
+        scaling: ScalingLimits {
+            min_replicas: md.scaling.min_replicas.max(0) as u32,
+            max_replicas: md.scaling.max_replicas.max(0) as u32,
+            scale_down_delay_s: f64::from(md.scaling.scale_down_delay_seconds),
+            max_scale_down_fraction: MAX_SCALE_DOWN_FRACTION,
+        },
+        budget: Budget {
+            max_cost_per_hour: md.budget.max_cost_per_hour,
+            max_quality_loss: md.budget.max_quality_loss,
+            policy: match md.budget.on_conflict {
+                ConflictPolicy::HoldBudget => BudgetPolicy::HoldBudget,
+                ConflictPolicy::HoldSlo => BudgetPolicy::HoldSlo,
+            },
+        },
+        tuning: Tuning::default(),
+        variants,
+        fleet,
+        signals,
+    }
+}
+
+/// Decides replicas and variant for an autoscaled ModelDeployment. Pure.
 pub fn decide(
     md: &ValidDeployment,
     observed: &Observed,
-    _memory: Option<&serde_json::Value>,
-    _now: f64,
+    memory: Option<&serde_json::Value>,
+    now: f64,
+    profiles: &Profiles,
 ) -> Plan {
-    let variant = &md.variants[0];
-    let replicas = BTreeMap::from([(variant.name.clone(), md.scaling.min_replicas)]);
+    let input = input(md, observed, profiles);
+    // A memory that does not parse (an older operator's) starts afresh rather than fail.
+    let memory: PolicyMemory = memory
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default();
+    let d = kestrel_policy::decide(&input, &memory, Timestamp(now));
+    let why_no_metrics = match &observed.signals {
+        Some(SignalsReading::Unavailable(m)) => m.clone(),
+        Some(SignalsReading::NoData) => {
+            "Prometheus has no samples from this model's workers yet".into()
+        }
+        Some(SignalsReading::Fresh(s)) => {
+            format!("the newest worker sample is {:.0}s old", s.age_seconds)
+        }
+        None => "signals were not read".into(),
+    };
+    let limited_reason = match d.reason {
+        DecisionReason::PendingUnschedulable => "Unschedulable",
+        DecisionReason::MaxReplicas => "MaxReplicas",
+        _ => "Limited",
+    };
+    let budget_reason = match md.budget.on_conflict {
+        ConflictPolicy::HoldBudget => "BudgetHeld",
+        ConflictPolicy::HoldSlo => "BudgetExceeded",
+    };
     Plan {
-        projected_cost_per_hour: md.cost_per_hour(&replicas),
-        replicas,
-        target_variant: variant.name.clone(),
-        reason: "MinReplicas".into(),
-        message: format!(
-            "holding {} replica(s) of {}",
-            md.scaling.min_replicas, variant.name
-        ),
-        predicted_p95_ms: None,
-        metrics_available: None,
-        scaling_limited: crate::decide::unschedulable(observed)
-            .map(|m| ("Unschedulable".to_owned(), m)),
-        budget_constrained: None,
-        memory: None,
+        replicas: d
+            .replicas
+            .iter()
+            .map(|(k, v)| (k.clone(), i32::try_from(*v).unwrap_or(i32::MAX)))
+            .collect::<BTreeMap<_, _>>(),
+        target_variant: d.target_variant.clone(),
+        reason: d.reason.as_str().to_owned(),
+        message: d.message.clone(),
+        predicted_p95_ms: d.predicted_p95_ms,
+        projected_cost_per_hour: d.projected_cost_per_hour,
+        metrics_available: Some(if d.conditions.metrics_available {
+            Ok(())
+        } else {
+            Err(why_no_metrics)
+        }),
+        scaling_limited: d
+            .conditions
+            .scaling_limited
+            .clone()
+            .map(|m| (limited_reason.to_owned(), m)),
+        budget_constrained: d
+            .conditions
+            .budget_constrained
+            .clone()
+            .map(|m| (budget_reason.to_owned(), m)),
+        memory: serde_json::to_value(&d.memory).ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PriceTable;
+    use crate::fixtures::{md, variant};
+    use crate::observe::DeploymentState;
+    use crate::signals::Signals as Observedsignals;
+    use crate::validate::validate;
+    use kestrel_crds::v1alpha1::Precision;
+
+    fn fleet(n: i32) -> Observed {
+        Observed {
+            deployments: BTreeMap::from([(
+                "f32".to_owned(),
+                DeploymentState {
+                    name: "m-f32".into(),
+                    spec_replicas: n,
+                    replicas: n,
+                    ready_replicas: n,
+                    updated_replicas: n,
+                    applied_hash: None,
+                },
+            )]),
+            ..Default::default()
+        }
+    }
+
+    fn load(in_flight: f64) -> SignalsReading {
+        SignalsReading::Fresh(Observedsignals {
+            waiting: in_flight * 0.7,
+            in_flight,
+            arrival_rate: 10.0,
+            arrival_rate_short: Some(10.0),
+            throughput: 10.0,
+            p95_ms: Some(150.0),
+            scraped_workers: 1,
+            age_seconds: 3.0,
+        })
+    }
+
+    #[test]
+    fn a_deep_queue_scales_up_and_says_why() {
+        let v = validate(&md("minilm"), Some("w:1"), &PriceTable::default()).unwrap();
+        let mut o = fleet(2);
+        o.signals = Some(load(48.0));
+        let p = decide(&v, &o, None, 1_000.0, &Profiles::bundled());
+        assert!(p.replicas["f32"] > 2, "{p:?}");
+        assert!(p.reason.starts_with("ScaleUp"), "{}", p.reason);
+        assert!(p.message.contains("queue depth 48"), "{}", p.message);
+        assert_eq!(p.metrics_available, Some(Ok(())));
+        assert!(p.memory.is_some());
+    }
+
+    #[test]
+    fn missing_metrics_hold_the_fleet_and_say_why() {
+        let v = validate(&md("minilm"), Some("w:1"), &PriceTable::default()).unwrap();
+        let mut o = fleet(3);
+        o.signals = Some(SignalsReading::Unavailable(
+            "failed to query Prometheus at http://p:9090: refused".into(),
+        ));
+        let p = decide(&v, &o, None, 1_000.0, &Profiles::bundled());
+        assert_eq!(p.replicas["f32"], 3);
+        assert_eq!(
+            p.metrics_available,
+            Some(Err(
+                "failed to query Prometheus at http://p:9090: refused".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn a_new_model_deployment_starts_at_min_replicas_before_any_signal() {
+        let mut m = md("minilm");
+        m.spec.scaling.min_replicas = 2;
+        let v = validate(&m, Some("w:1"), &PriceTable::default()).unwrap();
+        let o = Observed {
+            signals: Some(SignalsReading::NoData),
+            ..Default::default()
+        };
+        let p = decide(&v, &o, None, 1_000.0, &Profiles::bundled());
+        assert_eq!(p.total(), 2, "{p:?}");
+    }
+
+    #[test]
+    fn every_spec_variant_finds_capacity_data() {
+        let mut m = md("minilm");
+        m.spec.variants.push(variant("q8", Precision::Q8_0));
+        let v = validate(&m, Some("w:1"), &PriceTable::default()).unwrap();
+        let i = input(&v, &Observed::default(), &Profiles::bundled());
+        let names: Vec<_> = i.variants.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, vec!["f32", "q8"]);
+        assert!(i.variants.iter().all(|v| v.capacity.items_per_second > 0.0));
     }
 }

@@ -41,6 +41,8 @@ pub struct Config {
     pub idle_resync: Duration,
     /// Window for rates and quantiles in the signal queries.
     pub signal_window_seconds: u32,
+    /// Worker profiles: per-variant capacity for the autoscaler.
+    pub profiles: crate::autoscale::Profiles,
 }
 
 pub struct Context {
@@ -183,12 +185,19 @@ async fn pipeline(
                 LatencyMetric::TimeToFirstToken => series::TIME_TO_FIRST_TOKEN,
             },
             window_seconds: ctx.config.signal_window_seconds,
+            short_window_seconds: 15,
         };
         observed.signals = Some(ctx.signals.read(&query).await);
     }
 
     let memory = prev.and_then(|s| s.policy_memory.as_ref());
-    let plan = decide::decide(&valid, &observed, memory, now.0.as_second() as f64);
+    let plan = decide::decide(
+        &valid,
+        &observed,
+        memory,
+        now.0.as_second() as f64,
+        &ctx.config.profiles,
+    );
     let desired = build::build(&valid, &plan);
     let applied = apply::apply(&ctx.client, &namespace, &desired, &observed, &ctx.metrics).await?;
     if !applied.is_empty() {

@@ -42,11 +42,12 @@ pub fn decide(
     observed: &Observed,
     memory: Option<&serde_json::Value>,
     now: f64,
+    profiles: &crate::autoscale::Profiles,
 ) -> Plan {
     if !md.scaling.enabled {
         return fixed(md, observed);
     }
-    crate::autoscale::decide(md, observed, memory, now)
+    crate::autoscale::decide(md, observed, memory, now, profiles)
 }
 
 fn fixed(md: &ValidDeployment, observed: &Observed) -> Plan {
@@ -96,7 +97,7 @@ mod tests {
             kestrel_crds::v1alpha1::Precision::Q8_0,
         ));
         let v = validate(&m, Some("w:1"), &PriceTable::default()).unwrap();
-        let plan = decide(&v, &Observed::default(), None, 0.0);
+        let plan = decide(&v, &Observed::default(), None, 0.0, &Default::default());
         assert_eq!(plan.replicas, BTreeMap::from([("f32".to_owned(), 3)]));
         assert_eq!(plan.reason, "ScalingDisabled");
         assert!((plan.projected_cost_per_hour - 0.30).abs() < 1e-9);

@@ -12,11 +12,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use clap::{Parser, ValueEnum};
+use kestrel_operator::autoscale::Profiles;
 use kestrel_operator::config::PriceTable;
 use kestrel_operator::controller::{self, Config, Context};
 use kestrel_operator::leader::LeaderElector;
 use kestrel_operator::metrics::Metrics;
 use kestrel_operator::signals::{MetricsSource, NoMetrics};
+use kestrel_policy::profile::WorkerProfile;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::watch;
@@ -55,6 +57,10 @@ struct Args {
     /// Window of the rate and quantile queries, seconds.
     #[arg(long, env = "KESTREL_SIGNAL_WINDOW_SECONDS", default_value_t = 30)]
     signal_window_seconds: u32,
+    /// Worker profile JSON files (`kestrel-worker profile --json`), comma-separated: the
+    /// capacity data of each variant. Default: the profile bundled with the operator.
+    #[arg(long, env = "KESTREL_PROFILES", value_delimiter = ',')]
+    profiles: Vec<std::path::PathBuf>,
     /// Namespaces to watch, comma-separated; empty: all namespaces.
     #[arg(
         long,
@@ -176,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
         evaluation_interval: Duration::from_secs(args.evaluation_interval_seconds),
         idle_resync: Duration::from_secs(args.idle_resync_seconds),
         signal_window_seconds: args.signal_window_seconds,
+        profiles: load_profiles(&args.profiles)?,
     };
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -214,6 +221,22 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("stopped after losing the leader lease");
     }
     Ok(())
+}
+
+fn load_profiles(paths: &[std::path::PathBuf]) -> anyhow::Result<Profiles> {
+    if paths.is_empty() {
+        return Ok(Profiles::bundled());
+    }
+    let profiles = paths
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("failed to read profile {}", p.display()))?;
+            WorkerProfile::from_json(&text)
+                .with_context(|| format!("failed to parse profile {}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Profiles(profiles))
 }
 
 async fn shutdown_signal() {

@@ -113,7 +113,7 @@ fn planned(
     let signals = match &observed.signals {
         Some(SignalsReading::Fresh(s)) => Some(ObservedSignals {
             p95_latency_ms: s.p95_ms.map(|p| p.round() as i64),
-            queue_depth: Some(round2(s.queue_depth)),
+            queue_depth: Some(round2(s.in_flight)),
             request_rate: Some(round2(s.arrival_rate)),
             observed_at: Some(now.clone()),
         }),

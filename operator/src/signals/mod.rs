@@ -12,17 +12,21 @@ pub struct SignalsQuery {
     pub latency_metric: &'static str,
     /// Window for rates and quantiles, in seconds.
     pub window_seconds: u32,
+    /// Short window for burst detection and gauge averages, in seconds.
+    pub short_window_seconds: u32,
 }
 
-/// Signals of one ModelDeployment at one instant.
+/// Signals of one ModelDeployment at one instant (sums over its workers).
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Signals {
-    /// Requests waiting plus running, summed over workers.
-    pub queue_depth: f64,
-    /// Requests running, summed over workers.
+    /// Requests admitted and waiting for a batch (averaged over a short window).
+    pub waiting: f64,
+    /// Requests admitted and not answered, waiting or running (averaged likewise).
     pub in_flight: f64,
-    /// Requests per second arriving (answered or refused).
+    /// Requests per second arriving, answered or refused, over the stable window.
     pub arrival_rate: f64,
+    /// Requests per second arriving over a short window (burst detection).
+    pub arrival_rate_short: Option<f64>,
     /// Requests per second answered successfully.
     pub throughput: f64,
     /// p95 latency in milliseconds; None when no request completed in the window.

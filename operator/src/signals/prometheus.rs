@@ -55,12 +55,13 @@ impl PrometheusSource {
 
     async fn read_all(&self, q: &SignalsQuery) -> Result<SignalsReading, SignalsError> {
         let queries = Queries::new(q);
-        let (workers, age, in_flight, waiting, arrivals, ok, p95) = futures::try_join!(
+        let (workers, age, in_flight, waiting, arrivals, arrivals_short, ok, p95) = futures::try_join!(
             self.scalar(&queries.scraped_workers),
             self.scalar(&queries.sample_age),
             self.scalar(&queries.in_flight),
             self.scalar(&queries.waiting),
             self.scalar(&queries.arrival_rate),
+            self.scalar(&queries.arrival_rate_short),
             self.scalar(&queries.throughput),
             self.scalar(&queries.p95_seconds),
         )?;
@@ -74,9 +75,10 @@ impl PrometheusSource {
         }
         let finite = |v: Option<f64>| v.filter(|x| x.is_finite());
         Ok(SignalsReading::Fresh(Signals {
-            queue_depth: finite(in_flight).unwrap_or(0.0),
-            in_flight: (finite(in_flight).unwrap_or(0.0) - finite(waiting).unwrap_or(0.0)).max(0.0),
+            waiting: finite(waiting).unwrap_or(0.0),
+            in_flight: finite(in_flight).unwrap_or(0.0),
             arrival_rate: finite(arrivals).unwrap_or(0.0),
+            arrival_rate_short: finite(arrivals_short),
             throughput: finite(ok).unwrap_or(0.0),
             // No completed request in the window gives NaN: no latency to report.
             p95_ms: finite(p95).map(|s| s * 1000.0),
@@ -105,6 +107,7 @@ pub struct Queries {
     pub in_flight: String,
     pub waiting: String,
     pub arrival_rate: String,
+    pub arrival_rate_short: String,
     pub throughput: String,
     pub p95_seconds: String,
 }
@@ -118,12 +121,26 @@ impl Queries {
             escape(&q.name)
         );
         let w = q.window_seconds;
+        let short = q.short_window_seconds;
         Self {
             scraped_workers: format!(r#"count(up{{{sel}}} == 1)"#),
             sample_age: format!(r#"time() - max(timestamp({}{{{sel}}}))"#, series::IN_FLIGHT),
-            in_flight: format!(r#"sum({}{{{sel}}})"#, series::IN_FLIGHT),
-            waiting: format!(r#"sum({}{{{sel}}})"#, series::QUEUE_DEPTH),
+            // Gauges averaged over the short window: one scrape's transient backlog
+            // must not size the fleet.
+            in_flight: format!(
+                r#"sum(avg_over_time({}{{{sel}}}[{short}s]))"#,
+                series::IN_FLIGHT
+            ),
+            waiting: format!(
+                r#"sum(avg_over_time({}{{{sel}}}[{short}s]))"#,
+                series::QUEUE_DEPTH
+            ),
+            // All outcomes: refused requests are demand too.
             arrival_rate: format!(r#"sum(rate({}{{{sel}}}[{w}s]))"#, series::REQUESTS_TOTAL),
+            arrival_rate_short: format!(
+                r#"sum(rate({}{{{sel}}}[{short}s]))"#,
+                series::REQUESTS_TOTAL
+            ),
             throughput: format!(
                 r#"sum(rate({}{{{sel},{}="{}"}}[{w}s]))"#,
                 series::REQUESTS_TOTAL,
@@ -153,6 +170,7 @@ mod tests {
             name: "minilm".into(),
             latency_metric: series::REQUEST_DURATION,
             window_seconds: 30,
+            short_window_seconds: 15,
         });
         assert_eq!(
             q.p95_seconds,
@@ -160,7 +178,7 @@ mod tests {
         );
         assert_eq!(
             q.in_flight,
-            r#"sum(kestrel_worker_in_flight_requests{namespace="search",kestrel_dev_model_deployment="minilm"})"#
+            r#"sum(avg_over_time(kestrel_worker_in_flight_requests{namespace="search",kestrel_dev_model_deployment="minilm"}[15s]))"#
         );
         assert!(q.throughput.contains(r#"outcome="ok""#));
     }

@@ -202,8 +202,10 @@ impl Precision {
     /// Whether the bundled worker can serve this precision for `task`.
     pub fn serves(self, task: Task) -> bool {
         match task {
-            // MiniLM-class encoders: k-quants need rows divisible by 256 (384 is not).
-            Task::Embeddings => !matches!(self, Precision::Q4KM),
+            // The worker's encoder variants: f32/f16/bf16 (candle) and 8-bit (ONNX
+            // Runtime). q4_0 loses too much (cosine 0.95); k-quants need rows
+            // divisible by 256, which 384-wide layers are not.
+            Task::Embeddings => !matches!(self, Precision::Q4_0 | Precision::Q4KM),
             // GGUF decoders: every precision the worker's converter produces.
             Task::TextGeneration => !matches!(self, Precision::F32 | Precision::Bf16),
         }

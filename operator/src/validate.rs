@@ -325,7 +325,7 @@ mod tests {
         let err = validate(&m, Some("w:1"), &prices()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "spec.variants[1].precision: q4_k_m cannot serve task embeddings; allowed: f32, f16, bf16, q8_0, q4_0"
+            "spec.variants[1].precision: q4_k_m cannot serve task embeddings; allowed: f32, f16, bf16, q8_0"
         );
     }
 

@@ -197,7 +197,8 @@ impl VariantSpec {
             "f32" => Precision::F32,
             "f16" => Precision::F16,
             "bf16" => Precision::Bf16,
-            "int8" => Precision::Int8,
+            // q8_0 is the ModelDeployment API's name for 8-bit weights.
+            "int8" | "q8_0" => Precision::Int8,
             other => return Err(EngineError::UnknownVariant(other.to_string())),
         };
         let default_backend = match (precision, device) {

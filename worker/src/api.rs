@@ -102,6 +102,35 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The response, serialized straight from these types (no intermediate JSON tree).
+#[derive(serde::Serialize)]
+struct EmbeddingsResponse<'a> {
+    object: &'static str,
+    data: Vec<EmbeddingData>,
+    model: &'a str,
+    usage: Usage,
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingData {
+    object: &'static str,
+    index: usize,
+    embedding: Embedding,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Embedding {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(serde::Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EncodingFormat {
     Float,
@@ -322,7 +351,7 @@ async fn handle_embeddings(state: &AppState, body: &[u8]) -> Result<Response, (O
         )
     })?;
 
-    let data: Vec<Value> = embeddings
+    let data: Vec<EmbeddingData> = embeddings
         .into_iter()
         .enumerate()
         .map(|(index, mut v)| {
@@ -331,20 +360,27 @@ async fn handle_embeddings(state: &AppState, body: &[u8]) -> Result<Response, (O
                 normalize(&mut v);
             }
             let embedding = match request.format {
-                EncodingFormat::Float => json!(v),
+                EncodingFormat::Float => Embedding::Float(v),
                 EncodingFormat::Base64 => {
                     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    Embedding::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
                 }
             };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
+            EmbeddingData {
+                object: "embedding",
+                index,
+                embedding,
+            }
         })
         .collect();
-    let body = json!({
-        "object": "list",
-        "data": data,
-        "model": state.model_name,
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-    });
+    let body = EmbeddingsResponse {
+        object: "list",
+        data,
+        model: &state.model_name,
+        usage: Usage {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+        },
+    };
     Ok(axum::Json(body).into_response())
 }

@@ -82,6 +82,9 @@ struct BenchArgs {
     /// Seconds of 3× overload after the table (0: skip).
     #[arg(long, default_value_t = 0.0)]
     overload_seconds: f64,
+    /// Interleaved rounds of every measurement (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(Debug, Args)]
@@ -239,6 +242,7 @@ fn main() -> anyhow::Result<()> {
                 python: args.python,
                 serve_args: Vec::new(),
                 overload_seconds: args.overload_seconds,
+                rounds: args.rounds.max(1),
             };
             let report = runtime.block_on(kestrel_worker::bench::run(&config))?;
             println!("{report}");

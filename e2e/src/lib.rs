@@ -319,3 +319,49 @@ pub fn condition<'a>(
         .iter()
         .find(|c| c.type_ == type_)
 }
+
+/// The model folder on the node for the real worker (`KESTREL_MODEL_DIR`, written by
+/// `worker/scripts/setup-dev`); the local cluster's node is this machine.
+pub fn model_dir() -> Result<String> {
+    std::env::var("KESTREL_MODEL_DIR").context(
+        "KESTREL_MODEL_DIR is not set: run `make setup` (or worker/scripts/setup-dev) and export what it prints",
+    )
+}
+
+/// The worker image the serving tests run (`KESTREL_WORKER_IMAGE`, default the one
+/// `make images` imports).
+pub fn worker_image() -> String {
+    std::env::var("KESTREL_WORKER_IMAGE").unwrap_or_else(|_| "kestrel-worker:dev".into())
+}
+
+/// The reference embedding of sentence `i` of the worker's fixed set (sentence-transformers).
+pub fn reference_embedding(i: usize) -> Result<(String, Vec<f32>)> {
+    use base64::Engine;
+    let text = std::fs::read_to_string(repo_root().join("worker/data/reference-embeddings.json"))?;
+    let doc: serde_json::Value = serde_json::from_str(&text)?;
+    let sentence = doc["sentences"][i]
+        .as_str()
+        .context("no such sentence")?
+        .to_owned();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(
+        doc["embeddings_f32le_base64"][i]
+            .as_str()
+            .context("no such embedding")?,
+    )?;
+    let v = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((sentence, v))
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}

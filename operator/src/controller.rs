@@ -228,6 +228,13 @@ async fn pipeline(
         &now,
     );
     write_status(ctx, md, prev, &next).await?;
+    ctx.metrics.observe_status(
+        &namespace,
+        &name,
+        &next,
+        Some(valid.slo.p95_latency_ms),
+        valid.budget.max_cost_per_hour,
+    );
 
     let settled =
         next.ready_replicas == next.desired_replicas && next.replicas == next.desired_replicas;
@@ -267,11 +274,14 @@ async fn write_status(
     )
     .await
     .map_err(|source| ReconcileError::Status {
-        namespace,
-        name,
+        namespace: namespace.clone(),
+        name: name.clone(),
         source,
     })?;
     for ev in status::events(prev, next) {
+        if let ("Scaled" | "VariantSwitch", Some(d)) = (ev.reason.as_str(), &next.last_decision) {
+            ctx.metrics.decided(&namespace, &name, &d.reason);
+        }
         publish(ctx, md, &ev).await;
     }
     Ok(())

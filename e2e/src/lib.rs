@@ -5,6 +5,8 @@
 //! `KUBECONFIG` names (the local cluster's `e2e/cluster/env` sets it); without one the
 //! tests fail loudly rather than skip.
 
+pub mod load;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -177,6 +179,11 @@ impl TestNamespace {
             .context("failed to start the operator")?;
         self.operator = Some(child);
         Ok(())
+    }
+
+    /// PID of the operator this namespace started.
+    pub fn operator_pid(&self) -> Option<u32> {
+        self.operator.as_ref()?.id()
     }
 
     pub fn operator_log(&self) -> String {

@@ -1,0 +1,174 @@
+//! Autoscaling on the real cluster: a load step against the real worker makes the
+//! operator add replicas quickly, the status and Events say why, and when the load stops
+//! the replicas come back down after the scale-down delay.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use kestrel_e2e::load::{fixed_rate, run};
+use kestrel_e2e::{TestNamespace, condition, model_dir, wait_for, worker_image};
+use kube::Api;
+
+fn prometheus_url() -> String {
+    std::env::var("KESTREL_PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:9090".into())
+}
+
+#[tokio::test]
+async fn a_load_step_adds_replicas_quickly_and_they_return_after_the_scale_down_delay() {
+    let mut ns = TestNamespace::new("autoscale").await.unwrap();
+    ns.start_operator(&[
+        "--prometheus-url",
+        &prometheus_url(),
+        "--signal-window-seconds",
+        "20",
+    ])
+    .unwrap();
+    let yaml = format!(
+        r#"
+apiVersion: kestrel.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: minilm}}
+spec:
+  model: {{name: all-MiniLM-L6-v2, task: embeddings, source: {{hostPath: {{path: "{}"}}}}}}
+  variants: [{{name: f32, precision: f32}}]
+  slo: {{p95LatencyMs: 250, targetQueueDepthPerReplica: 4}}
+  scaling: {{minReplicas: 1, maxReplicas: 3, scaleDownDelaySeconds: 30}}
+  worker: {{image: "{}", imagePullPolicy: IfNotPresent, maxQueue: 128, maxBatchSize: 16}}
+"#,
+        model_dir().unwrap(),
+        worker_image()
+    );
+    ns.apply_yaml(&yaml).await.unwrap();
+    ns.wait_md(
+        "minilm",
+        "Ready 1/1 with fresh metrics",
+        Duration::from_secs(240),
+        |md| {
+            condition(md, "Ready").is_some_and(|c| c.status == "True")
+                && condition(md, "MetricsAvailable").is_some_and(|c| c.status == "True")
+        },
+    )
+    .await
+    .unwrap();
+
+    let services: Api<Service> = ns.api();
+    let ip = services
+        .get("minilm")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .cluster_ip
+        .unwrap();
+    let url = format!("http://{ip}:8080/v1/embeddings");
+    let deployments: Api<Deployment> = ns.api();
+
+    // The step: far more than one replica serves, for at most 60 s.
+    let step = Instant::now();
+    let load = tokio::spawn({
+        let url = url.clone();
+        async move {
+            run(
+                &url,
+                &fixed_rate(400.0, Duration::from_secs(60)),
+                256,
+                "A man is eating food.",
+            )
+            .await
+        }
+    });
+    wait_for("a second replica", Duration::from_secs(60), || async {
+        Ok(deployments
+            .get("minilm-f32")
+            .await?
+            .spec
+            .and_then(|s| s.replicas)
+            .unwrap_or(0)
+            > 1)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", kestrel_e2e::tail(&ns.operator_log(), 30)));
+    let reaction = step.elapsed();
+    println!(
+        "load step → replicas added after {:.1} s",
+        reaction.as_secs_f64()
+    );
+    assert!(
+        reaction < Duration::from_secs(15),
+        "replicas rose {:.1} s after the step",
+        reaction.as_secs_f64()
+    );
+
+    let md = ns
+        .wait_md(
+            "minilm",
+            "the scale-up in status",
+            Duration::from_secs(30),
+            |md| {
+                md.status
+                    .as_ref()
+                    .and_then(|s| s.last_decision.as_ref())
+                    .is_some_and(|d| d.to_replicas > 1)
+            },
+        )
+        .await
+        .unwrap();
+    let decision = md.status.unwrap().last_decision.unwrap();
+    assert!(
+        decision.reason.starts_with("ScaleUp"),
+        "reason {}",
+        decision.reason
+    );
+    let events = ns.events().await.unwrap();
+    assert!(
+        events.contains("Normal minilm Scaled: 1 →"),
+        "an Event tells the story:\n{events}"
+    );
+
+    let report = load.await.unwrap();
+    println!(
+        "load: sent {} ok {} rejected(429) {} failed {} p50 {:.0} ms p95 {:.0} ms",
+        report.sent,
+        report.ok,
+        report.rejected,
+        report.failed,
+        report.quantile_ms(0.5),
+        report.quantile_ms(0.95)
+    );
+    assert_eq!(
+        report.failed, 0,
+        "no request failed (429s are backpressure): {:?}",
+        report.failures
+    );
+
+    // Load gone: back to one replica after the 30 s scale-down delay, never before it.
+    let stopped = Instant::now();
+    let scaled_down = wait_for("scale-down to 1", Duration::from_secs(180), || async {
+        Ok(deployments
+            .get("minilm-f32")
+            .await?
+            .spec
+            .and_then(|s| s.replicas)
+            == Some(1))
+    })
+    .await;
+    if let Err(e) = scaled_down {
+        panic!("{e:#}\n{}", ns.events().await.unwrap_or_default());
+    }
+    let down = stopped.elapsed();
+    println!(
+        "load stopped → back to 1 replica after {:.1} s",
+        down.as_secs_f64()
+    );
+    assert!(
+        down >= Duration::from_secs(25),
+        "scaled down after only {:.1} s",
+        down.as_secs_f64()
+    );
+    let events = ns.events().await.unwrap();
+    assert!(
+        events.contains("ScaleDown"),
+        "the scale-down is explained:\n{events}"
+    );
+}

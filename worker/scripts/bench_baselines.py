@@ -7,11 +7,15 @@ ONNX Runtime on the same sentences, batch size and thread count as the worker.
 
 Prints one JSON object: {"sentence-transformers": {...}, "onnxruntime-f32": {...}},
 each with items_per_second (wall clock), items_per_cpu_second (this process's CPU
-time, all threads: robust to other load on the machine), batches and seconds. The sentences are those of
-SENTENCES_FILE shorter than 400 characters, cycled, in order, in batches of
+time, all threads: robust to other load on the machine), batches and seconds.
+The sentences are those of SENTENCES_FILE shorter than 400 characters, cycled, in order, in batches of
 --batch-size; tokenization is inside the timed loop for both (as in the worker).
 Raw ONNX Runtime runs MODEL_DIR/onnx/model.onnx, the worker's own f32 graph, with
-the `tokenizers` library, padding to the longest input of each batch.
+the `tokenizers` library, padding to the longest input of each batch (what a
+plain caller does; the worker instead runs each batch in groups of similar length).
+Idle threads block rather than spin (OMP_WAIT_POLICY=PASSIVE for PyTorch, ONNX
+Runtime's allow_spinning=0), as in the worker: on a shared machine spinning costs
+the baselines 2-4x. --spin restores the libraries' defaults.
 """
 import argparse
 import json
@@ -70,6 +74,8 @@ def bench_ort(model_dir, sentences, args):
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     so.inter_op_num_threads = 1
+    if not args.spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(os.path.join(model_dir, "onnx", "model.onnx"), so, providers=["CPUExecutionProvider"])
     gen = batches(sentences, args.batch_size)
 
@@ -90,7 +96,12 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--only", default="st,ort")
+    p.add_argument("--spin", action="store_true",
+                   help="let idle threads spin (the libraries' default); off by default, like the worker")
     args = p.parse_args()
+    if not args.spin:
+        # PyTorch's OpenMP threads: block instead of busy-waiting (must precede `import torch`).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sentences = load_sentences(args.sentences)
     out = {}
     only = args.only.split(",")

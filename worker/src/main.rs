@@ -187,6 +187,12 @@ impl ModelArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // ONNX Runtime's telemetry writes a database under $HOME/.cache when the library
+    // loads; the worker must write nothing at run time (read-only root filesystem).
+    if std::env::var_os("ORT_DISABLE_TELEMETRY").is_none() {
+        // SAFETY: first statement of main, before any thread exists.
+        unsafe { std::env::set_var("ORT_DISABLE_TELEMETRY", "1") };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

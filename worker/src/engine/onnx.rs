@@ -53,6 +53,8 @@ fn environment(lib: &OrtLibrary) -> Result<&'static ort::environment::Environmen
             ort::init_from(&path)
                 .map_err(|e| format!("{}: {e}", path.display()))?
                 .with_name("kestrel-worker")
+                // No telemetry: it would also write a database under $HOME/.cache at run time.
+                .with_telemetry(false)
                 .build()
                 .map_err(|e| e.to_string())
         })

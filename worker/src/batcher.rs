@@ -3,7 +3,8 @@
 //!
 //! Admission is bounded: past `max_queue` waiting requests `submit` refuses at once
 //! (the HTTP layer answers 429). A batch closes on `max_batch` inputs, `max_batch_tokens`
-//! padded tokens, or `max_wait` after its oldest request was admitted. A request whose
+//! padded tokens, or `max_wait` after its oldest request was admitted (it waits only
+//! while fewer inputs are queued than the recent batches held). A request whose
 //! client went away before its batch started is dropped, never computed; one past its
 //! deadline is answered with a timeout.
 
@@ -84,6 +85,7 @@ impl Batcher {
             limits: limits.clone(),
             metrics: metrics.clone(),
             engine,
+            recent: VecDeque::new(),
         };
         let task = tokio::spawn(owner.run());
         let handle = Batcher {
@@ -185,7 +187,12 @@ struct QueueOwner {
     limits: BatchLimits,
     metrics: Arc<Metrics>,
     engine: Engine,
+    /// Inputs of the last few batches: how many to expect when the next one forms.
+    recent: VecDeque<usize>,
 }
+
+/// Batches remembered to set the expected size of the next one.
+const RECENT_BATCHES: usize = 8;
 
 impl QueueOwner {
     async fn run(mut self) {
@@ -217,12 +224,22 @@ impl QueueOwner {
     }
 
     /// Waits until the batch is full or the oldest request has waited `max_wait`.
+    /// Waits (at most `max_wait` after the oldest request's admission) until as many
+    /// inputs are queued as the largest of the recent batches: under steady load the
+    /// batch fills, while a lone request at low load runs at once.
     async fn wait_for_batch(&mut self) {
         let Some(oldest) = self.queue.front().map(|j| j.admitted) else {
             return;
         };
+        let expected = self
+            .recent
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(1)
+            .clamp(1, self.limits.max_batch);
         let close_at = tokio::time::Instant::from_std(oldest + self.limits.max_wait);
-        while self.queued_inputs() < self.limits.max_batch {
+        while self.queued_inputs() < expected {
             match tokio::time::timeout_at(close_at, self.rx.recv()).await {
                 Ok(Some(job)) => {
                     self.queue.push_back(job);
@@ -296,6 +313,10 @@ impl QueueOwner {
             .flat_map(|j| j.inputs.iter().map(Vec::as_slice))
             .collect();
         let tokens: usize = seqs.iter().map(|s| s.len()).sum();
+        if self.recent.len() == RECENT_BATCHES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(seqs.len());
         let mut outputs: Vec<Vec<f32>> = Vec::with_capacity(seqs.len());
         let mut failure = None;
         for chunk in seqs.chunks(self.limits.max_batch.max(1)) {

@@ -127,8 +127,9 @@ struct ServeArgs {
     /// Padded tokens (inputs × longest) per batch at most.
     #[arg(long, default_value_t = 16384)]
     max_batch_tokens: usize,
-    /// How long a batch waits for more requests after its oldest was admitted.
-    #[arg(long, default_value_t = 2)]
+    /// How long a batch may wait for more requests after its oldest was admitted (it
+    /// waits only while fewer inputs are queued than recent batches held).
+    #[arg(long, default_value_t = 5)]
     max_batch_wait_ms: u64,
     /// Seconds between SIGTERM and the end of admission (ready is false meanwhile).
     #[arg(long, env = env::DRAIN_DELAY_SECONDS, default_value_t = 5.0)]

@@ -281,7 +281,7 @@ pub async fn profile_variant(
         max_queue: 4096,
         max_batch: config.max_batch,
         max_batch_tokens: 16384,
-        max_wait: Duration::from_millis(2),
+        max_wait: Duration::from_millis(5),
     };
     let ids = Arc::new(bench_ids(&tokenizer)?);
     let (batcher, task) = Batcher::start(backend, tokenizer.pad_id(), limits, metrics);

@@ -393,11 +393,25 @@ async fn install_upgrade_uninstall(
         bail!("the operator hit RBAC denials:\n{}", tail(&logs, 30));
     }
 
-    // helm upgrade: a changed value reaches the pod; with 2 replicas one leads.
+    // helm upgrade: changed values reach the pod (a log level, and a worker profile the
+    // operator must parse at start from the mounted ConfigMap); with 2 replicas one leads.
+    let profile = format!(
+        "profiles.cpu-2core={}",
+        repo_root()
+            .join("worker/profiles/cpu-2core-xeon.json")
+            .display()
+    );
     release
         .upgrade(
             "charts/kestrel",
-            &["--set", "log.level=debug", "--set", "replicaCount=2"],
+            &[
+                "--set",
+                "log.level=debug",
+                "--set",
+                "replicaCount=2",
+                "--set-file",
+                &profile,
+            ],
         )
         .await?;
     let operator: Api<Deployment> = sys.api();
@@ -408,8 +422,13 @@ async fn install_upgrade_uninstall(
         .and_then(|s| s.template.spec)
         .map(|s| s.containers[0].args.clone().unwrap_or_default())
         .unwrap_or_default();
-    if !args.iter().any(|a| a == "--log-level=debug") {
-        bail!("after helm upgrade the operator's args are {args:?}; expected --log-level=debug");
+    for want in [
+        "--log-level=debug",
+        "--profiles=/etc/kestrel/profiles/cpu-2core.json",
+    ] {
+        if !args.iter().any(|a| a == want) {
+            bail!("after helm upgrade the operator's args are {args:?}; expected {want}");
+        }
     }
     let leader = wait_for_leader(&client, release).await?;
     if leader == first_leader {

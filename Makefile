@@ -30,7 +30,7 @@ setup: ## install the model and the worker's Python tooling into .cache/ (idempo
 
 unit: setup ## unit and component tests of every crate (no cluster needed)
 	@echo "== unit: cargo test --workspace (except the cluster suite)"
-	set -a; source $(WORKER_ENV); set +a; cargo test --workspace --exclude kestrel-e2e
+	set -a; source $(WORKER_ENV); set +a; cargo test --no-fail-fast --workspace --exclude kestrel-e2e
 
 cluster-up: ## build (cached) and start the local single-node Kubernetes
 	$(CLUSTER)/up
@@ -50,7 +50,7 @@ smoke: ## the local cluster's smoke test
 e2e: cluster-up images smoke ## the end-to-end suite on the local cluster (or KUBECONFIG's)
 	@echo "== e2e: cargo test -p kestrel-e2e against $(KUBECONFIG)"
 	cargo build -p kestrel-operator
-	set -a; source $(WORKER_ENV); set +a; cargo test -p kestrel-e2e -- --test-threads=4
+	set -a; source $(WORKER_ENV); set +a; cargo test --no-fail-fast -p kestrel-e2e -- --test-threads=4
 
 crds: ## regenerate crds/generated and docs/api.md from the Rust types
 	cargo run -q -p kestrel-crds --bin crdgen > crds/generated/kestrel.dev_modeldeployments.yaml

@@ -116,7 +116,7 @@ spec:
         .unwrap();
     let decision = md.status.unwrap().last_decision.unwrap();
     assert!(
-        decision.reason.starts_with("ScaleUp"),
+        decision.reason.starts_with("ScaleUp") || decision.reason == "MaxReplicas",
         "reason {}",
         decision.reason
     );

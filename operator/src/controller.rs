@@ -137,6 +137,7 @@ pub async fn reconcile(
             let ev = EventSpec {
                 warning: true,
                 reason: e.category().into(),
+                action: "Reconcile".into(),
                 message: e.to_string(),
             };
             publish(&ctx, &md, &ev).await;
@@ -211,6 +212,7 @@ async fn pipeline(
             &EventSpec {
                 warning: false,
                 reason: "Created".into(),
+                action: format!("Create-{}", what.replace(' ', "-")),
                 message: format!("created {what}"),
             },
         )
@@ -296,7 +298,7 @@ async fn publish(ctx: &Context, md: &ModelDeployment, ev: &EventSpec) {
         },
         reason: ev.reason.clone(),
         note: Some(ev.message.chars().take(1000).collect()),
-        action: "Reconcile".into(),
+        action: ev.action.clone(),
         secondary: None,
     };
     ctx.metrics.write("event", "create");

@@ -415,6 +415,9 @@ fn round2(v: f64) -> f64 {
 pub struct EventSpec {
     pub warning: bool,
     pub reason: String,
+    /// What was done; Events with the same reason and action within minutes are merged
+    /// into one series (keeping the first message), so each distinct decision gets its own.
+    pub action: String,
     pub message: String,
 }
 
@@ -434,6 +437,7 @@ pub fn events(
                 out.push(EventSpec {
                     warning: false,
                     reason: "VariantSwitch".into(),
+                    action: format!("SwitchTo-{}", d.variant.as_deref().unwrap_or("-")),
                     message: format!(
                         "{} → {}: {}",
                         prev.active_variant.as_deref().unwrap_or("-"),
@@ -446,6 +450,7 @@ pub fn events(
                 out.push(EventSpec {
                     warning: false,
                     reason: "Scaled".into(),
+                    action: format!("ScaleTo{}", d.to_replicas),
                     message: format!(
                         "{} → {} replicas ({}): {}",
                         d.from_replicas, d.to_replicas, d.reason, d.message
@@ -461,6 +466,7 @@ pub fn events(
         let changed = p.is_none_or(|p| p.status != n.status || p.reason != n.reason);
         if n.status == "True" && changed {
             out.push(EventSpec {
+                action: "Observe".into(),
                 warning: type_ == ct::DEGRADED,
                 reason: n.reason.clone(),
                 message: n.message.clone(),
@@ -474,6 +480,7 @@ pub fn events(
         && p.is_none_or(|p| p.status != "False")
     {
         out.push(EventSpec {
+            action: "Observe".into(),
             warning: true,
             reason: n.reason.clone(),
             message: n.message.clone(),

@@ -129,8 +129,7 @@ pub async fn run(
     for t in tasks {
         let _ = t.await;
     }
-    let r = report.lock().await.clone();
-    r
+    report.lock().await.clone()
 }
 
 #[cfg(test)]

@@ -605,6 +605,11 @@ async fn the_crds_chart_upgrades_the_crd_and_keeps_it_on_uninstall() {
         CRD,
         "kestrel.dev/e2e-revision-",
         "app.kubernetes.io/managed-by-",
+        "app.kubernetes.io/name-",
+        "app.kubernetes.io/component-",
+        "app.kubernetes.io/instance-",
+        "app.kubernetes.io/version-",
+        "helm.sh/chart-",
     ])
     .await;
     let _ = kubectl_status(&[

@@ -434,9 +434,34 @@ async fn install_upgrade_uninstall(
     if leader == first_leader {
         bail!("the Lease is still held by {leader}, a pod the upgrade replaced");
     }
-    if operator_pods(&client, release).await?.len() != 2 {
-        bail!("expected 2 operator pods after the upgrade");
+    let pods = operator_pods(&client, release).await?;
+    if pods.len() != 2 {
+        bail!("expected 2 operator pods after the upgrade, found {pods:?}");
     }
+    // Exactly one writer: only the Lease holder reports kestrel_operator_leader 1 (read
+    // through the API server's pod proxy, so this works on any cluster).
+    wait_for(
+        "exactly one pod to report kestrel_operator_leader 1",
+        MINUTE,
+        || async {
+            let mut leaders = Vec::new();
+            for pod in &pods {
+                let path = format!(
+                    "/api/v1/namespaces/{}/pods/{pod}:8080/proxy/metrics",
+                    release.namespace
+                );
+                let metrics = sys.kubectl(&["get", "--raw", &path]).await?;
+                if metrics
+                    .lines()
+                    .any(|l| l.trim() == "kestrel_operator_leader 1")
+                {
+                    leaders.push(pod.clone());
+                }
+            }
+            Ok(leaders == [leader.clone()])
+        },
+    )
+    .await?;
     // The new leader reconciles a change.
     team.apply_yaml(&md_yaml("helm-md", 3)).await?;
     wait_reconciled(team, "helm-md").await?;

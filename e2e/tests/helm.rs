@@ -341,6 +341,16 @@ async fn install_upgrade_uninstall(
     release: &mut Release,
 ) -> Result<()> {
     let client = sys.client.clone();
+    // The API server's Pod Security admission refuses any operator pod that is not
+    // `restricted` (non-root, read-only root, no escalation, no capabilities, seccomp).
+    sys.kubectl(&[
+        "label",
+        "namespace",
+        &sys.name,
+        "pod-security.kubernetes.io/enforce=restricted",
+        "pod-security.kubernetes.io/enforce-version=latest",
+    ])
+    .await?;
     let (repo, tag) = operator_image();
     let watch = format!("watchNamespaces={{{}}}", team.name);
     let image_repo = format!("image.repository={repo}");

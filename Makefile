@@ -12,7 +12,7 @@ export PATH := $(CLUSTER)/.build/bin:$(PATH)
 # Model and ONNX Runtime for the worker (written by worker/scripts/setup-dev).
 WORKER_ENV := $(ROOT)/.cache/worker.env
 
-.PHONY: help test lint unit e2e smoke setup cluster-up cluster-down images demo demo-down crds
+.PHONY: help deps test lint unit e2e smoke setup cluster-up cluster-down images demo demo-down crds
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -28,7 +28,11 @@ setup: ## install the model and the worker's Python tooling into .cache/ (idempo
 	@echo "== setup: model + ONNX variants + Python baselines into .cache/ (first run: several minutes)"
 	@mkdir -p .cache && worker/scripts/setup-dev > $(WORKER_ENV).tmp && mv $(WORKER_ENV).tmp $(WORKER_ENV) && cat $(WORKER_ENV)
 
-unit: setup ## unit and component tests of every crate (no cluster needed)
+deps: ## system packages the unit tests need (Debian's prometheus for the PromQL test)
+	@command -v prometheus >/dev/null || { echo "== deps: apt-get install prometheus"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+unit: deps setup ## unit and component tests of every crate (no cluster needed)
 	@echo "== unit: cargo test --workspace (except the cluster suite)"
 	set -a; source $(WORKER_ENV); set +a; cargo test --no-fail-fast --workspace --exclude kestrel-e2e
 

@@ -2,10 +2,13 @@
 //!
 //! `crdgen` prints [`crds_yaml`]; `crds/generated/` holds exactly that output and a test
 //! fails when the two drift.
+#[cfg(feature = "api")]
 pub mod apidoc;
 pub mod contract;
+#[cfg(feature = "api")]
 pub mod v1alpha1;
 
+#[cfg(feature = "api")]
 pub use v1alpha1::{ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus};
 
 /// Condition types a ModelDeployment's status carries.
@@ -20,6 +23,7 @@ pub mod condition_types {
 }
 
 /// Every CRD of the API as one multi-document YAML string.
+#[cfg(feature = "api")]
 pub fn crds_yaml() -> String {
     use kube::CustomResourceExt;
     let crd = ModelDeployment::crd();

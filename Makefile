@@ -52,9 +52,19 @@ smoke: ## the local cluster's smoke test
 	$(CLUSTER)/smoke
 
 e2e: cluster-up images smoke ## the end-to-end suite on the local cluster (or KUBECONFIG's)
+	@echo "== e2e: deploy/check (chart, rendered manifests, alert rules, examples)"
+	deploy/check
 	@echo "== e2e: cargo test -p kestrel-e2e against $(KUBECONFIG)"
 	cargo build -p kestrel-operator
 	set -a; source $(WORKER_ENV); set +a; cargo test --no-fail-fast -p kestrel-e2e -- --test-threads=4
+
+demo: setup ## the local cluster, Kestrel via Helm, the example, a trace replay, a summary
+	scripts/demo
+
+demo-down: ## undo make demo: uninstall, delete namespace search, stop the cluster
+	-helm uninstall kestrel -n kestrel-system
+	-kubectl delete namespace search --wait=false
+	$(CLUSTER)/down
 
 crds: ## regenerate crds/generated and docs/api.md from the Rust types
 	cargo run -q -p kestrel-crds --bin crdgen > crds/generated/kestrel.dev_modeldeployments.yaml

@@ -161,15 +161,15 @@ impl TestNamespace {
         let log = std::fs::File::create(
             std::env::temp_dir().join(format!("{}-operator.log", self.name)),
         )?;
-        let child = Command::new(bin)
-            .args([
-                "--watch-namespaces",
-                &self.name,
-                "--leader-election=false",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
-            .args(["--evaluation-interval-seconds", "2"])
+        let mut cmd = Command::new(bin);
+        cmd.args(["--watch-namespaces", &self.name, "--leader-election=false"]);
+        if !extra.contains(&"--metrics-addr") {
+            cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+        }
+        if !extra.contains(&"--evaluation-interval-seconds") {
+            cmd.args(["--evaluation-interval-seconds", "2"]);
+        }
+        let child = cmd
             .args(extra)
             .env("KESTREL_LOG_LEVEL", "info,kube=warn")
             .stdout(Stdio::from(log.try_clone()?))

@@ -29,7 +29,8 @@ use crate::memory::{DemandSample, PolicyMemory, Recommendation, SwitchCandidate}
 /// 5. No replicas added while pods are Pending as Unschedulable; max respected.
 /// 6. Variant: the cheapest allowed variant within the quality limit whose need fits
 ///    under max; a switch needs a `switch_min_saving` saving sustained for
-///    `switch_window_s` (at once if the current variant no longer qualifies), and runs
+///    `switch_window_s` (at once if the current variant no longer qualifies, or costs
+///    more than `max_cost_per_hour` while the cheaper one fits it), and runs
 ///    as a surge: old replicas stay until the new variant's are Ready.
 /// 7. Budget: when even the cheapest costs more than `max_cost_per_hour`,
 ///    `HoldBudget` caps replicas (choosing the variant with the best predicted p95
@@ -194,6 +195,24 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
                 switch_note = Some(format!(
                     "{} would need {} replicas, over maxReplicas {}",
                     cur.v.name, cur.need, max
+                ));
+                best
+            }
+            // Over the budget while a cheaper variant fits it: a breached limit does not
+            // wait out the savings hysteresis.
+            Some(cur)
+                if input.budget.max_cost_per_hour.is_some_and(|limit| {
+                    cur.cost(max) > limit + 1e-9 && best.cost(max) <= limit + 1e-9
+                }) =>
+            {
+                mem.switch_candidate = None;
+                switch_note = Some(format!(
+                    "{} costs {:.2}/h, over the {:.2}/h budget; {} fits at {:.2}/h",
+                    cur.v.name,
+                    cur.cost(max),
+                    input.budget.max_cost_per_hour.unwrap_or_default(),
+                    best.v.name,
+                    best.cost(max)
                 ));
                 best
             }

@@ -712,6 +712,32 @@ fn a_variant_that_stops_qualifying_is_left_at_once() {
     assert_eq!(reps(&d, "f32"), 7, "old replicas stay until int8 is Ready");
 }
 
+#[test]
+fn a_variant_over_the_budget_is_left_at_once_for_a_cheaper_one_that_fits() {
+    // f32 needs 7 × 1.00 = 7.00/h; int8 3 × 0.60 = 1.80/h.
+    let table = [
+        // (budget per hour, expected target at the first decision)
+        (None, "f32"),       // no budget: the savings wait out the hysteresis
+        (Some(10.0), "f32"), // f32 fits the budget: hysteresis too
+        (Some(5.0), "int8"), // f32 breaches it, int8 fits: at once
+    ];
+    for (budget, want) in table {
+        let mut i = switch_input(0.6);
+        i.budget.max_cost_per_hour = budget;
+        let d = decide(&i, &mem_target("f32"), T0);
+        assert_eq!(d.target_variant, want, "budget {budget:?}: {}", d.message);
+        if want == "int8" {
+            assert_eq!(d.reason, DecisionReason::VariantSwitch);
+            assert!(
+                d.message.contains("over the 5.00/h budget"),
+                "{}",
+                d.message
+            );
+            assert_eq!(reps(&d, "f32"), 7, "a surge: f32 stays until int8 is Ready");
+        }
+    }
+}
+
 // ---------- budget conflicts ----------
 
 #[test]

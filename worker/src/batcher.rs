@@ -63,6 +63,8 @@ pub struct Batcher {
     tx: mpsc::UnboundedSender<Job>,
     waiting: Arc<AtomicUsize>,
     admitting: Arc<AtomicBool>,
+    /// Requests admitted since start (the drain log reports it).
+    admitted_total: Arc<AtomicUsize>,
     max_queue: usize,
     metrics: Arc<Metrics>,
 }
@@ -92,6 +94,7 @@ impl Batcher {
             tx,
             waiting,
             admitting: Arc::new(AtomicBool::new(true)),
+            admitted_total: Arc::new(AtomicUsize::new(0)),
             max_queue: limits.max_queue,
             metrics,
         };
@@ -130,12 +133,18 @@ impl Batcher {
             self.metrics.queue_depth.dec();
             return Err(Refusal::Draining);
         }
+        self.admitted_total.fetch_add(1, Ordering::SeqCst);
         Ok(rx)
     }
 
     /// Stops admission: later `submit`s are refused; admitted requests still run.
     pub fn stop_admitting(&self) {
         self.admitting.store(false, Ordering::SeqCst);
+    }
+
+    /// Requests admitted since start.
+    pub fn admitted_total(&self) -> usize {
+        self.admitted_total.load(Ordering::SeqCst)
     }
 
     /// Requests admitted and waiting for a batch.

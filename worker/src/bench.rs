@@ -24,6 +24,8 @@ use crate::corpus;
 pub struct WorkerProcess {
     pub child: Child,
     pub base_url: String,
+    /// The child's log lines so far (stderr).
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl WorkerProcess {
@@ -40,9 +42,12 @@ impl WorkerProcess {
             .with_context(|| format!("failed to start {}", exe.display()))?;
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().expect("log lock").push(line.clone());
                 if !sent && let Some(addr) = line.split("addr=").nth(1) {
                     let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
                     sent = true;
@@ -64,7 +69,11 @@ impl WorkerProcess {
             if let Ok(r) = client.get(&ready).await
                 && r.status.is_success()
             {
-                return Ok(WorkerProcess { child, base_url });
+                return Ok(WorkerProcess {
+                    child,
+                    base_url,
+                    log,
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

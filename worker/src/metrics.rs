@@ -156,6 +156,46 @@ impl Metrics {
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+
+    /// The Prometheus text format (0.0.4), which `promtool check metrics` lints: the
+    /// same samples, with counter families named by their `_total` series and no `# EOF`.
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4.
+fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{prefix}{name}_total {tail}\n"));
+                } else {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -174,44 +214,52 @@ mod tests {
         m.count(Outcome::Ok);
         m.tokens.inc_by(3);
         m.request_duration.observe(0.01);
-        let text = m.encode();
-        let mut families: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .map(|l| l.split(' ').next().unwrap())
-            .collect();
-        families.sort();
         let mut expected = vec![
             names::QUEUE_DEPTH,
             names::IN_FLIGHT,
             names::REQUEST_DURATION,
             names::QUEUE_WAIT,
             names::BATCH_SIZE,
-            counter_name(names::REQUESTS_TOTAL),
-            counter_name(names::TOKENS_TOTAL),
+            names::REQUESTS_TOTAL,
+            names::TOKENS_TOTAL,
             names::MODEL_INFO,
         ];
         expected.sort();
-        assert_eq!(families, expected);
-        // The sample names carry the contract's full counter names.
-        assert!(
-            text.contains(&format!("{}{{outcome=\"ok\"}} 1", names::REQUESTS_TOTAL)),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!("{} 3", names::TOKENS_TOTAL)),
-            "{text}"
-        );
-        for o in ["ok", "rejected", "error", "cancelled"] {
-            assert!(text.contains(&format!("{}{{outcome=\"{o}\"}}", names::REQUESTS_TOTAL)));
+        let text = m.encode_text();
+        let mut families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        families.sort();
+        assert_eq!(families, expected, "Prometheus text format");
+        assert!(!text.contains("# EOF"));
+        // OpenMetrics names counter families without `_total`; the samples carry it.
+        let om = m.encode();
+        assert!(om.contains(&format!(
+            "# TYPE {} counter",
+            counter_name(names::REQUESTS_TOTAL)
+        )));
+        for text in [&text, &om] {
+            assert!(
+                text.contains(&format!("{}{{outcome=\"ok\"}} 1", names::REQUESTS_TOTAL)),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!("{} 3", names::TOKENS_TOTAL)),
+                "{text}"
+            );
+            for o in ["ok", "rejected", "error", "cancelled"] {
+                assert!(text.contains(&format!("{}{{outcome=\"{o}\"}}", names::REQUESTS_TOTAL)));
+            }
+            assert!(text.contains(&format!(
+                "{}{{model=\"m\",variant=\"f32\",precision=\"f32\",device=\"cpu\"}} 1",
+                names::MODEL_INFO
+            )));
+            assert!(text.contains(&format!(
+                "{}_bucket{{le=\"0.001\"}}",
+                names::REQUEST_DURATION
+            )));
         }
-        assert!(text.contains(&format!(
-            "{}{{model=\"m\",variant=\"f32\",precision=\"f32\",device=\"cpu\"}} 1",
-            names::MODEL_INFO
-        )));
-        assert!(text.contains(&format!(
-            "{}_bucket{{le=\"0.001\"}}",
-            names::REQUEST_DURATION
-        )));
     }
 }

@@ -147,6 +147,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             let _ = shutdown_tx.send(());
         })
     };
+    let batcher = state.batcher.clone();
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async {
             let _ = shutdown_rx.await;
@@ -154,9 +155,12 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .context("the HTTP server failed")?;
     // The router (and its batcher handles) is gone: the batcher ends once its queue is empty.
+    let admitted = batcher.admitted_total();
+    drop(batcher);
     batcher_task.await.context("the batcher task panicked")?;
     drain.abort();
-    info!("drained; exiting");
+    // Every admitted request has been answered (or its client left): tests read this.
+    info!(admitted, "drained; exiting");
     Ok(())
 }
 

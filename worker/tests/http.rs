@@ -134,7 +134,7 @@ async fn embeddings_follow_the_openai_shape_and_refuse_bad_requests() {
         .unwrap();
     assert_eq!(r.status.as_u16(), 400);
 
-    // /metrics shows exactly the contract's series.
+    // /metrics shows exactly the contract's series (Prometheus text format by default).
     let m = c
         .get(&format!("{}{}", w.base_url, contract::METRICS_PATH))
         .await
@@ -146,15 +146,14 @@ async fn embeddings_follow_the_openai_shape_and_refuse_bad_requests() {
         .map(|l| l.split(' ').next().unwrap())
         .collect();
     families.sort();
-    let strip = |n: &'static str| n.strip_suffix("_total").unwrap();
     let mut expected = vec![
         names::QUEUE_DEPTH,
         names::IN_FLIGHT,
         names::REQUEST_DURATION,
         names::QUEUE_WAIT,
         names::BATCH_SIZE,
-        strip(names::REQUESTS_TOTAL),
-        strip(names::TOKENS_TOTAL),
+        names::REQUESTS_TOTAL,
+        names::TOKENS_TOTAL,
         names::MODEL_INFO,
     ];
     expected.sort();
@@ -335,11 +334,13 @@ async fn sigterm_under_load_loses_no_admitted_request() {
         .await
         .unwrap();
     assert_eq!(ready.status.as_u16(), 503);
-    let mut child = w.child;
+    let (mut child, log) = (w.child, w.log);
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
         .unwrap();
+    // The stderr reader may lag the exit by a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut ok, mut refused, mut lost) = (0, 0, Vec::new());
     for c in futures::future::join_all(clients).await {
         let (o, r, l) = c.unwrap();
@@ -347,10 +348,27 @@ async fn sigterm_under_load_loses_no_admitted_request() {
         refused += r;
         lost.extend(l);
     }
-    eprintln!("drain: ok {ok}, refused {refused}, lost {}", lost.len());
+    let admitted: usize = log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains("drained; exiting"))
+        .and_then(|l| l.split("admitted=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("the worker logs how many requests it admitted");
+    eprintln!(
+        "drain: admitted {admitted}, ok {ok}, refused {refused}, other errors {}",
+        lost.len()
+    );
     assert!(status.success(), "exit status {status}");
     assert!(ok > 16, "requests were served during the drain delay: {ok}");
-    assert!(lost.is_empty(), "admitted requests lost: {lost:?}");
+    // Every admitted request reached its client as a 200. Other failures can only be
+    // requests written to a keep-alive connection as the server closed it: never admitted.
+    assert_eq!(
+        ok, admitted,
+        "admitted requests lost; client errors: {lost:?}"
+    );
 }
 
 #[test]

@@ -54,6 +54,8 @@ pub fn build(md: &ValidDeployment, plan: &Plan) -> Desired {
     let deployments = plan
         .replicas
         .iter()
+        // A variant planned at 0 that is not the target is done: its Deployment is pruned.
+        .filter(|(name, replicas)| **replicas > 0 || **name == plan.target_variant)
         .filter_map(|(name, replicas)| {
             let variant = md.variant(name)?;
             Some((name.clone(), with_hash(deployment(md, variant, *replicas))))
@@ -524,6 +526,25 @@ mod tests {
         let labels = d.deployments["q8"].metadata.labels.as_ref().unwrap();
         assert_eq!(labels["kestrel.dev/variant"], "q8");
         assert_eq!(labels["app.kubernetes.io/managed-by"], "kestrel-operator");
+    }
+
+    #[test]
+    fn an_old_variant_planned_at_zero_loses_its_deployment_but_the_target_keeps_one() {
+        let mut m = md("minilm");
+        m.spec
+            .variants
+            .push(crate::fixtures::variant("q8", Precision::Q8_0));
+        let mut p = plan(&[("q8", 2), ("f32", 0)]);
+        p.target_variant = "q8".into();
+        let d = build(&valid(&m), &p);
+        assert_eq!(d.deployments.keys().collect::<Vec<_>>(), vec!["q8"]);
+        let mut p = plan(&[("f32", 0)]);
+        p.target_variant = "f32".into();
+        assert_eq!(
+            build(&valid(&m), &p).deployments.len(),
+            1,
+            "scaled to zero, not deleted"
+        );
     }
 
     #[test]

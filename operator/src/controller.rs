@@ -15,7 +15,9 @@ use kestrel_crds::contract::{metrics as series, pod_labels};
 use kestrel_crds::v1alpha1::LatencyMetric;
 use kestrel_crds::{ModelDeployment, ModelDeploymentStatus};
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -29,6 +31,10 @@ use crate::metrics::Metrics;
 use crate::signals::{MetricsSource, SignalsQuery};
 use crate::status::{self, EventSpec, Outcome};
 use crate::{build, decide, observe, validate};
+
+/// Reconciles running at once: enough to keep up, few enough that each one's API calls
+/// are not queued behind a thousand others.
+const RECONCILE_CONCURRENCY: u16 = 8;
 
 /// Settings of the controller.
 #[derive(Clone, Debug)]
@@ -340,13 +346,25 @@ pub async fn run(
     }
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=kestrel-operator");
     let pods = watcher::Config::default().labels(pod_labels::MODEL_DEPLOYMENT);
+    // Owned objects only trigger reconciles (reconcile reads them fresh): watching their
+    // metadata is enough and keeps memory flat with thousands of objects.
+    let deployments = watcher(api::<PartialObjectMeta<Deployment>>(&client, &namespace), owned.clone())
+        .default_backoff()
+        .touched_objects();
+    let services = watcher(api::<PartialObjectMeta<Service>>(&client, &namespace), owned.clone())
+        .default_backoff()
+        .touched_objects();
+    let pdbs = watcher(api::<PartialObjectMeta<PodDisruptionBudget>>(&client, &namespace), owned)
+        .default_backoff()
+        .touched_objects();
     Controller::new(
         api::<ModelDeployment>(&client, &namespace),
         watcher::Config::default().any_semantic(),
     )
-    .owns(api::<Deployment>(&client, &namespace), owned.clone())
-    .owns(api::<Service>(&client, &namespace), owned.clone())
-    .owns(api::<PodDisruptionBudget>(&client, &namespace), owned)
+    .with_config(ControllerConfig::default().concurrency(RECONCILE_CONCURRENCY))
+    .owns_stream(deployments)
+    .owns_stream(services)
+    .owns_stream(pdbs)
     // Pod failures (unschedulable, crash loops) change status without touching the Deployment.
     .watches(api::<Pod>(&client, &namespace), pods, |pod: Pod| {
         let md = pod.labels().get(pod_labels::MODEL_DEPLOYMENT)?.clone();

@@ -26,7 +26,7 @@ pub struct Profiles(pub Vec<WorkerProfile>);
 impl Profiles {
     /// The profile bundled with the operator (measured with `kestrel-worker profile`).
     pub fn bundled() -> Self {
-        let text = include_str!("../policy/profiles/minilm-cpu.json");
+        let text = include_str!("../../worker/profiles/cpu-2core-xeon.json");
         Self(vec![
             WorkerProfile::from_json(text).expect("the bundled profile parses"),
         ])

@@ -124,6 +124,8 @@ spec:
     let idle_reconciles = reconciles(&after) - reconciles(&before);
     let idle_writes = writes(&after) - writes(&before);
     let (p50, p99) = (after.quantile(0.50), after.quantile(0.99));
+    let idle = after.minus(&before);
+    let (idle_p50, idle_p99) = (idle.quantile(0.50), idle.quantile(0.99));
     let rss_mib = rss_kib as f64 / 1024.0;
     println!("\nscale-bench: {count} ModelDeployments, operator {bin}");
     println!("| figure | measured | target | measured/target |");
@@ -133,13 +135,21 @@ spec:
         rss_mib / 30.0
     );
     println!(
-        "| reconcile p50 (histogram) | {:.1} ms | - | - |",
+        "| reconcile p50, idle resync | {:.1} ms | - | - |",
+        idle_p50 * 1000.0
+    );
+    println!(
+        "| reconcile p99, idle resync | {:.1} ms | ≤ 50 ms | {:.2} |",
+        idle_p99 * 1000.0,
+        idle_p99 * 1000.0 / 50.0
+    );
+    println!(
+        "| reconcile p50, whole run incl. first pass | {:.1} ms | - | - |",
         p50 * 1000.0
     );
     println!(
-        "| reconcile p99 (histogram) | {:.1} ms | ≤ 50 ms | {:.2} |",
-        p99 * 1000.0,
-        p99 * 1000.0 / 50.0
+        "| reconcile p99, whole run incl. first pass | {:.1} ms | - | - |",
+        p99 * 1000.0
     );
     println!(
         "| reconciles during the idle window | {idle_reconciles:.0} | ≥ {count} | {:.2} |",
@@ -193,6 +203,16 @@ impl Scrape {
             .filter(|(k, _)| k.starts_with(prefix))
             .map(|(_, v)| v)
             .sum()
+    }
+
+    /// This scrape's counters minus an earlier one's (e.g. one window's histogram).
+    fn minus(&self, earlier: &Scrape) -> Scrape {
+        Scrape(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), v - earlier.get(k)))
+                .collect(),
+        )
     }
 
     /// Quantile of the reconcile duration histogram (linear within a bucket).

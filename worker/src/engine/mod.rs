@@ -27,7 +27,7 @@ pub enum EngineError {
     ModelFile { path: PathBuf, message: String },
     #[error("failed to load tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
-    #[error("unknown variant {0:?} (known: f32, f16, bf16, int8)")]
+    #[error("unknown variant {0:?} (known: f32, f16, bf16, int8 or q8_0)")]
     UnknownVariant(String),
     #[error(
         "variant {variant} needs {path}, which is missing: run worker/scripts/export-onnx on the model folder"

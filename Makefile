@@ -44,7 +44,7 @@ cluster-down: ## stop the local cluster and remove what it made
 
 images: setup ## build the operator and worker binaries and import their images
 	@echo "== images: release builds, then kestrel-operator:dev and kestrel-worker:dev into the node"
-	cargo build --release -p kestrel-operator -p kestrel-worker
+	cargo build --release -p kestrel-operator
 	worker/scripts/build-image kestrel-worker:dev
 	$(CLUSTER)/image kestrel-operator:dev target/release/kestrel-operator
 

@@ -15,12 +15,12 @@ use kestrel_crds::contract::{metrics as series, pod_labels};
 use kestrel_crds::v1alpha1::LatencyMetric;
 use kestrel_crds::{ModelDeployment, ModelDeploymentStatus};
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::core::PartialObjectMeta;
-use kube::runtime::WatchStreamExt;
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, predicates, reflector};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use tracing::{info, warn};
@@ -348,36 +348,53 @@ pub async fn run(
     let pods = watcher::Config::default().labels(pod_labels::MODEL_DEPLOYMENT);
     // Owned objects only trigger reconciles (reconcile reads them fresh): watching their
     // metadata is enough and keeps memory flat with thousands of objects.
-    let deployments = watcher(api::<PartialObjectMeta<Deployment>>(&client, &namespace), owned.clone())
-        .default_backoff()
-        .touched_objects();
-    let services = watcher(api::<PartialObjectMeta<Service>>(&client, &namespace), owned.clone())
-        .default_backoff()
-        .touched_objects();
-    let pdbs = watcher(api::<PartialObjectMeta<PodDisruptionBudget>>(&client, &namespace), owned)
-        .default_backoff()
-        .touched_objects();
-    Controller::new(
+    let deployments = watcher(
+        api::<PartialObjectMeta<Deployment>>(&client, &namespace),
+        owned.clone(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let services = watcher(
+        api::<PartialObjectMeta<Service>>(&client, &namespace),
+        owned.clone(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let pdbs = watcher(
+        api::<PartialObjectMeta<PodDisruptionBudget>>(&client, &namespace),
+        owned,
+    )
+    .default_backoff()
+    .touched_objects();
+    // Only spec changes (generation) trigger a reconcile; the operator's own status writes
+    // must not, or every status write would schedule the next one.
+    let (reader, writer) = reflector::store();
+    let model_deployments = watcher(
         api::<ModelDeployment>(&client, &namespace),
         watcher::Config::default().any_semantic(),
     )
-    .with_config(ControllerConfig::default().concurrency(RECONCILE_CONCURRENCY))
-    .owns_stream(deployments)
-    .owns_stream(services)
-    .owns_stream(pdbs)
-    // Pod failures (unschedulable, crash loops) change status without touching the Deployment.
-    .watches(api::<Pod>(&client, &namespace), pods, |pod: Pod| {
-        let md = pod.labels().get(pod_labels::MODEL_DEPLOYMENT)?.clone();
-        Some(ObjectRef::new(&md).within(&pod.namespace()?))
-    })
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|res| async move {
-        if let Err(e) = res {
-            tracing::debug!(error = %e, "controller event");
-        }
-    })
-    .await;
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default());
+    Controller::for_stream(model_deployments, reader)
+        .with_config(ControllerConfig::default().concurrency(RECONCILE_CONCURRENCY))
+        .owns_stream(deployments)
+        .owns_stream(services)
+        .owns_stream(pdbs)
+        // Pod failures (unschedulable, crash loops) change status without touching the Deployment.
+        .watches(api::<Pod>(&client, &namespace), pods, |pod: Pod| {
+            let md = pod.labels().get(pod_labels::MODEL_DEPLOYMENT)?.clone();
+            Some(ObjectRef::new(&md).within(&pod.namespace()?))
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ metadata: {{name: minilm}}
 spec:
   model: {{name: all-MiniLM-L6-v2, task: embeddings, source: {{hostPath: {{path: "{}"}}}}}}
   variants: [{{name: f32, precision: f32}}]
-  slo: {{p95LatencyMs: 250, targetQueueDepthPerReplica: 4}}
+  slo: {{p95LatencyMs: 250, targetQueueDepthPerReplica: 2}}
   scaling: {{minReplicas: 1, maxReplicas: 3, scaleDownDelaySeconds: 30}}
   worker: {{image: "{}", imagePullPolicy: IfNotPresent, maxQueue: 128, maxBatchSize: 16}}
 "#,
@@ -71,7 +71,7 @@ spec:
         async move {
             run(
                 &url,
-                &fixed_rate(400.0, Duration::from_secs(60)),
+                &fixed_rate(600.0, Duration::from_secs(60)),
                 256,
                 "A man is eating food.",
             )

@@ -58,14 +58,25 @@ spec:
     let ip = svc.spec.unwrap().cluster_ip.unwrap();
     let (sentence, reference) = reference_embedding(0).unwrap();
     let body = serde_json::json!({"model": "all-MiniLM-L6-v2", "input": [sentence]});
-    let resp = reqwest::Client::new()
-        .post(format!("http://{ip}:8080/v1/embeddings"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .unwrap();
+    // Ready pods reach kube-proxy's rules a moment later: retry a refused connection briefly.
+    let mut attempt = 0;
+    let resp = loop {
+        let sent = reqwest::Client::new()
+            .post(format!("http://{ip}:8080/v1/embeddings"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await;
+        match sent {
+            Ok(resp) => break resp,
+            Err(e) if e.is_connect() && attempt < 30 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("request through the Service failed: {e}"),
+        }
+    };
     assert_eq!(resp.status().as_u16(), 200);
     let doc: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
     let got: Vec<f32> = doc["data"][0]["embedding"]

@@ -450,7 +450,7 @@ pub fn events(
                 out.push(EventSpec {
                     warning: false,
                     reason: "Scaled".into(),
-                    action: format!("ScaleTo{}", d.to_replicas),
+                    action: format!("Scale{}To{}", d.from_replicas, d.to_replicas),
                     message: format!(
                         "{} → {} replicas ({}): {}",
                         d.from_replicas, d.to_replicas, d.reason, d.message

@@ -217,8 +217,7 @@ mod tests {
     use super::*;
     use crate::build::build;
     use crate::config::PriceTable;
-    use crate::decide::Plan;
-    use crate::fixtures::md;
+    use crate::fixtures::{md, plan as plan_of};
     use crate::observe::{DeploymentState, ObjectState};
     use crate::validate::validate;
 
@@ -229,21 +228,7 @@ mod tests {
             kestrel_crds::v1alpha1::Precision::Q8_0,
         ));
         let v = validate(&m, Some("w:1"), &PriceTable::default()).unwrap();
-        build(
-            &v,
-            &Plan {
-                replicas: replicas.iter().map(|(k, n)| (k.to_string(), *n)).collect(),
-                target_variant: replicas[0].0.into(),
-                reason: String::new(),
-                message: String::new(),
-                predicted_p95_ms: None,
-                projected_cost_per_hour: 0.0,
-                metrics_available: None,
-                scaling_limited: None,
-                budget_constrained: None,
-                memory: None,
-            },
-        )
+        build(&v, &plan_of(replicas))
     }
 
     /// What the cluster would hold after applying `d`.

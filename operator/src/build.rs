@@ -479,24 +479,9 @@ pub fn applied_hash<K: kube::Resource>(obj: &K) -> Option<&String> {
 mod tests {
     use super::*;
     use crate::config::PriceTable;
-    use crate::fixtures::{gpu_variant, md};
+    use crate::fixtures::{gpu_variant, md, plan};
     use crate::validate::validate;
     use kestrel_crds::v1alpha1::Precision;
-
-    fn plan(replicas: &[(&str, i32)]) -> Plan {
-        Plan {
-            replicas: replicas.iter().map(|(v, n)| (v.to_string(), *n)).collect(),
-            target_variant: replicas[0].0.into(),
-            reason: "Test".into(),
-            message: String::new(),
-            predicted_p95_ms: None,
-            projected_cost_per_hour: 0.0,
-            metrics_available: None,
-            scaling_limited: None,
-            budget_constrained: None,
-            memory: None,
-        }
-    }
 
     fn valid(m: &kestrel_crds::ModelDeployment) -> ValidDeployment {
         validate(m, Some("kestrel-worker:dev"), &PriceTable::default()).unwrap()

@@ -2,6 +2,8 @@
 #![cfg(test)]
 
 use kestrel_crds::ModelDeployment;
+use std::collections::BTreeMap;
+
 use kestrel_crds::v1alpha1::*;
 
 pub fn variant(name: &str, precision: Precision) -> VariantSpec {
@@ -57,4 +59,23 @@ pub fn md(name: &str) -> ModelDeployment {
     md.metadata.uid = Some("uid-1".into());
     md.metadata.generation = Some(1);
     md
+}
+
+/// A plan with the given replicas per variant; the first variant is the target.
+pub fn plan(replicas: &[(&str, i32)]) -> crate::decide::Plan {
+    crate::decide::Plan {
+        replicas: replicas
+            .iter()
+            .map(|(v, n)| (v.to_string(), *n))
+            .collect::<BTreeMap<_, _>>(),
+        target_variant: replicas[0].0.into(),
+        reason: "Test".into(),
+        message: String::new(),
+        predicted_p95_ms: None,
+        projected_cost_per_hour: 0.0,
+        metrics_available: None,
+        scaling_limited: None,
+        budget_constrained: None,
+        memory: None,
+    }
 }

@@ -538,6 +538,21 @@ mod tests {
         }
     }
 
+    /// The status computed at `t` for `generation` from (spec, observed, plan).
+    fn planned(
+        prev: Option<&ModelDeploymentStatus>,
+        generation: i64,
+        (md, observed, plan): (&ValidDeployment, &Observed, &Plan),
+        t: i64,
+    ) -> ModelDeploymentStatus {
+        compute(
+            prev,
+            Some(generation),
+            &Outcome::Planned { md, observed, plan },
+            &at(t),
+        )
+    }
+
     fn cond<'a>(s: &'a ModelDeploymentStatus, t: &str) -> &'a Condition {
         condition(s, t).unwrap()
     }
@@ -545,16 +560,7 @@ mod tests {
     #[test]
     fn all_replicas_ready_makes_ready_true_and_fills_the_columns() {
         let (v, o, p) = (valid(), observed(2, 2), plan(2));
-        let s = compute(
-            None,
-            Some(3),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o,
-                plan: &p,
-            },
-            &at(100),
-        );
+        let s = planned(None, 3, (&v, &o, &p), 100);
         assert_eq!(cond(&s, "Ready").status, "True");
         assert_eq!(cond(&s, "Progressing").reason, "Stable");
         assert_eq!(s.ready.as_deref(), Some("2/2"));
@@ -576,16 +582,7 @@ mod tests {
             message: "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.".into(),
         }];
         let p = plan(2);
-        let s = compute(
-            None,
-            Some(1),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o,
-                plan: &p,
-            },
-            &at(100),
-        );
+        let s = planned(None, 1, (&v, &o, &p), 100);
         let ready = cond(&s, "Ready");
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
@@ -609,37 +606,10 @@ mod tests {
         let v = valid();
         let p = plan(2);
         let (o1, o2) = (observed(2, 1), observed(2, 2));
-        let s1 = compute(
-            None,
-            Some(1),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o1,
-                plan: &p,
-            },
-            &at(100),
-        );
-        let s2 = compute(
-            Some(&s1),
-            Some(1),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o1,
-                plan: &p,
-            },
-            &at(200),
-        );
+        let s1 = planned(None, 1, (&v, &o1, &p), 100);
+        let s2 = planned(Some(&s1), 1, (&v, &o1, &p), 200);
         assert_eq!(cond(&s2, "Ready").last_transition_time, at(100));
-        let s3 = compute(
-            Some(&s2),
-            Some(1),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o2,
-                plan: &p,
-            },
-            &at(300),
-        );
+        let s3 = planned(Some(&s2), 1, (&v, &o2, &p), 300);
         assert_eq!(cond(&s3, "Ready").last_transition_time, at(300));
         assert_eq!(cond(&s3, "Degraded").last_transition_time, at(100));
     }
@@ -647,26 +617,8 @@ mod tests {
     #[test]
     fn a_second_identical_evaluation_changes_nothing() {
         let (v, o, p) = (valid(), observed(2, 2), plan(2));
-        let s1 = compute(
-            None,
-            Some(1),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o,
-                plan: &p,
-            },
-            &at(100),
-        );
-        let s2 = compute(
-            Some(&s1),
-            Some(1),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o,
-                plan: &p,
-            },
-            &at(200),
-        );
+        let s1 = planned(None, 1, (&v, &o, &p), 100);
+        let s2 = planned(Some(&s1), 1, (&v, &o, &p), 200);
         assert_eq!(s1, s2);
         assert!(events(Some(&s1), &s2).is_empty());
     }
@@ -674,16 +626,7 @@ mod tests {
     #[test]
     fn an_invalid_spec_keeps_what_runs_and_says_why() {
         let (v, o, p) = (valid(), observed(2, 2), plan(2));
-        let s1 = compute(
-            None,
-            Some(1),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o,
-                plan: &p,
-            },
-            &at(100),
-        );
+        let s1 = planned(None, 1, (&v, &o, &p), 100);
         let err = SpecError::MissingImage;
         let s2 = compute(Some(&s1), Some(2), &Outcome::Invalid(&err), &at(200));
         assert_eq!(s2.ready.as_deref(), Some("2/2"));
@@ -700,26 +643,8 @@ mod tests {
     fn scaling_records_a_decision_and_an_event() {
         let v = valid();
         let (o, p2, p4) = (observed(2, 2), plan(2), plan(4));
-        let s1 = compute(
-            None,
-            Some(1),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o,
-                plan: &p2,
-            },
-            &at(100),
-        );
-        let s2 = compute(
-            Some(&s1),
-            Some(1),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o,
-                plan: &p4,
-            },
-            &at(110),
-        );
+        let s1 = planned(None, 1, (&v, &o, &p2), 100);
+        let s2 = planned(Some(&s1), 1, (&v, &o, &p4), 110);
         let d = s2.last_decision.as_ref().unwrap();
         assert_eq!(
             (d.from_replicas, d.to_replicas, d.predicted_p95_ms),
@@ -741,16 +666,7 @@ mod tests {
         let o = observed(2, 2);
         let mut p = plan(2);
         p.metrics_available = Some(Err("Prometheus at http://prom:9090 is unreachable".into()));
-        let s1 = compute(
-            None,
-            Some(1),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o,
-                plan: &p,
-            },
-            &at(100),
-        );
+        let s1 = planned(None, 1, (&v, &o, &p), 100);
         let c = cond(&s1, "MetricsAvailable");
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),
@@ -761,16 +677,7 @@ mod tests {
                 .iter()
                 .any(|e| e.warning && e.reason == "SignalsMissing")
         );
-        let s2 = compute(
-            Some(&s1),
-            Some(1),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o,
-                plan: &p,
-            },
-            &at(110),
-        );
+        let s2 = planned(Some(&s1), 1, (&v, &o, &p), 110);
         assert!(events(Some(&s1), &s2).is_empty());
     }
 
@@ -797,16 +704,7 @@ mod tests {
         let mut p = plan(2);
         p.replicas.insert("q8".into(), 2);
         p.target_variant = "q8".into();
-        let s = compute(
-            None,
-            Some(1),
-            &Outcome::Planned {
-                md: &v,
-                observed: &o,
-                plan: &p,
-            },
-            &at(100),
-        );
+        let s = planned(None, 1, (&v, &o, &p), 100);
         let c = cond(&s, "Progressing");
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),

@@ -181,6 +181,43 @@ impl TestNamespace {
         Ok(())
     }
 
+    /// The embeddings route of a Service in this namespace, through its ClusterIP.
+    pub async fn embeddings_url(&self, service: &str) -> Result<String> {
+        let services: Api<k8s_openapi::api::core::v1::Service> = self.api();
+        let spec = services
+            .get(service)
+            .await?
+            .spec
+            .context("a Service has a spec")?;
+        let ip = spec.cluster_ip.context("the Service has no ClusterIP")?;
+        Ok(format!(
+            "http://{ip}:{}/v1/embeddings",
+            kestrel_crds::contract::DEFAULT_WORKER_PORT
+        ))
+    }
+
+    /// The embeddings route once it answers: Ready pods reach kube-proxy's rules a moment
+    /// after the API says Ready, so a load test starts only when a request gets through.
+    pub async fn serving_url(&self, service: &str) -> Result<String> {
+        let url = self.embeddings_url(service).await?;
+        let client = reqwest::Client::new();
+        let body = serde_json::json!({"model": "all-MiniLM-L6-v2", "input": "ping"}).to_string();
+        wait_for("the Service to answer", Duration::from_secs(30), || {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            async move {
+                let resp = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                Ok(resp.status().is_success())
+            }
+        })
+        .await?;
+        Ok(url)
+    }
+
     /// PID of the operator this namespace started.
     pub fn operator_pid(&self) -> Option<u32> {
         self.operator.as_ref()?.id()

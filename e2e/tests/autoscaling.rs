@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
 use kestrel_e2e::load::{fixed_rate, run};
 use kestrel_e2e::{TestNamespace, condition, model_dir, wait_for, worker_image};
 use kube::Api;
@@ -52,16 +51,7 @@ spec:
     .await
     .unwrap();
 
-    let services: Api<Service> = ns.api();
-    let ip = services
-        .get("minilm")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .cluster_ip
-        .unwrap();
-    let url = format!("http://{ip}:8080/v1/embeddings");
+    let url = ns.serving_url("minilm").await.unwrap();
     let deployments: Api<Deployment> = ns.api();
 
     // The step: far more than one replica serves, for at most 60 s.

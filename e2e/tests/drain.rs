@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
 use kestrel_e2e::load::{fixed_rate, run};
 use kestrel_e2e::{TestNamespace, condition, model_dir, wait_for, worker_image};
 use kube::Api;
@@ -37,16 +36,7 @@ spec:
     .await
     .unwrap();
 
-    let services: Api<Service> = ns.api();
-    let ip = services
-        .get("minilm")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .cluster_ip
-        .unwrap();
-    let url = format!("http://{ip}:8080/v1/embeddings");
+    let url = ns.serving_url("minilm").await.unwrap();
     let client = tokio::spawn(async move {
         run(
             &url,

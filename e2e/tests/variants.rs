@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
 use kestrel_crds::ModelDeployment;
 use kestrel_e2e::load::{fixed_rate, run};
 use kestrel_e2e::{TestNamespace, condition, model_dir, wait_for, worker_image};
@@ -56,16 +55,7 @@ spec:
         "q8 loses too much quality at first"
     );
 
-    let services: Api<Service> = ns.api();
-    let ip = services
-        .get("minilm")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .cluster_ip
-        .unwrap();
-    let url = format!("http://{ip}:8080/v1/embeddings");
+    let url = ns.serving_url("minilm").await.unwrap();
     // A client well within capacity, running before, during and after the switch.
     let client = tokio::spawn(async move {
         run(

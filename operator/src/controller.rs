@@ -6,18 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kestrel_crds::contract::{metrics as series, pod_labels};
+use kestrel_crds::contract::metrics as series;
 use kestrel_crds::v1alpha1::LatencyMetric;
 use kestrel_crds::{ModelDeployment, ModelDeploymentStatus};
 use kube::api::{Patch, PatchParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::runtime::{WatchStreamExt, predicates, reflector};
@@ -26,7 +21,9 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::apply::{self, ApplyError, FIELD_MANAGER};
+use crate::cache::{self, Caches};
 use crate::config::PriceTable;
+use crate::events::Publisher;
 use crate::metrics::Metrics;
 use crate::signals::{MetricsSource, SignalsQuery};
 use crate::status::{self, EventSpec, Outcome};
@@ -51,29 +48,38 @@ pub struct Config {
     pub profiles: crate::autoscale::Profiles,
 }
 
-pub struct Context {
+/// What every watched scope shares: the client, the Event publisher, metrics, settings
+/// and the signal source.
+#[derive(Clone)]
+pub struct Shared {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: Arc<Publisher>,
     pub metrics: Metrics,
     pub config: Config,
     pub signals: Arc<dyn MetricsSource>,
+}
+
+/// One watched scope's reconcile context: the shared parts, the caches of owned objects
+/// and the per-object failure counts for backoff.
+pub struct Context {
+    pub client: Client,
+    pub events: Arc<Publisher>,
+    pub metrics: Metrics,
+    pub config: Config,
+    pub signals: Arc<dyn MetricsSource>,
+    pub caches: Caches,
     failures: Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
 }
 
 impl Context {
-    pub fn new(
-        client: Client,
-        recorder: Recorder,
-        metrics: Metrics,
-        config: Config,
-        signals: Arc<dyn MetricsSource>,
-    ) -> Self {
+    pub fn new(shared: Shared, caches: Caches) -> Self {
         Self {
-            client,
-            recorder,
-            metrics,
-            config,
-            signals,
+            client: shared.client,
+            events: shared.events,
+            metrics: shared.metrics,
+            config: shared.config,
+            signals: shared.signals,
+            caches,
             failures: Mutex::default(),
         }
     }
@@ -83,12 +89,6 @@ impl Context {
 /// log field.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("failed to observe the objects of {namespace}/{name}: {source}")]
-    Observe {
-        namespace: String,
-        name: String,
-        source: kube::Error,
-    },
     #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error("failed to write the status of {namespace}/{name}: {source}")]
@@ -102,7 +102,6 @@ pub enum ReconcileError {
 impl ReconcileError {
     pub fn category(&self) -> &'static str {
         match self {
-            ReconcileError::Observe { .. } => "ObserveFailed",
             ReconcileError::Apply(_) => "ApplyFailed",
             ReconcileError::Status { .. } => "StatusWriteFailed",
         }
@@ -160,6 +159,11 @@ async fn pipeline(
     let name = md.name_any();
     let now = now();
     let prev = md.status.as_ref();
+    // Being deleted: the garbage collector removes what it owns; applying now would
+    // re-create objects the collector just deleted and hold the deletion up.
+    if md.metadata.deletion_timestamp.is_some() {
+        return Ok((Action::await_change(), "deleting"));
+    }
 
     let valid = match validate::validate(
         md,
@@ -176,13 +180,10 @@ async fn pipeline(
         }
     };
 
-    let mut observed = observe::owned_objects(now.0.as_second(), &ctx.client, &namespace, &name)
-        .await
-        .map_err(|source| ReconcileError::Observe {
-            namespace: namespace.clone(),
-            name: name.clone(),
-            source,
-        })?;
+    // Before the caches hold their first list, an owned object would look missing and be
+    // "created" again.
+    ctx.caches.ready().await;
+    let mut observed = observe::owned_objects(now.0.as_second(), &ctx.caches, &namespace, &name);
     if valid.scaling.enabled {
         let query = SignalsQuery {
             namespace: namespace.clone(),
@@ -236,13 +237,6 @@ async fn pipeline(
         &now,
     );
     write_status(ctx, md, prev, &next).await?;
-    ctx.metrics.observe_status(
-        &namespace,
-        &name,
-        &next,
-        Some(valid.slo.p95_latency_ms),
-        valid.budget.max_cost_per_hour,
-    );
 
     let settled =
         next.ready_replicas == next.desired_replicas && next.replicas == next.desired_replicas;
@@ -296,19 +290,8 @@ async fn write_status(
 }
 
 async fn publish(ctx: &Context, md: &ModelDeployment, ev: &EventSpec) {
-    let event = Event {
-        type_: if ev.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: ev.reason.clone(),
-        note: Some(ev.message.chars().take(1000).collect()),
-        action: ev.action.clone(),
-        secondary: None,
-    };
     ctx.metrics.write("event", "create");
-    if let Err(e) = ctx.recorder.publish(&event, &md.object_ref(&())).await {
+    if let Err(e) = ctx.events.publish(ev, &md.object_ref(&())).await {
         warn!(namespace = ?md.namespace(), name = %md.name_any(), error = %e, "failed to publish an Event");
     }
 }
@@ -330,63 +313,31 @@ pub fn backoff(failures: u32) -> Duration {
 
 /// Runs the controller over one namespace (or all when None) until `shutdown` fires.
 pub async fn run(
-    ctx: Arc<Context>,
+    shared: Shared,
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
-    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-    {
-        match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=kestrel-operator");
-    let pods = watcher::Config::default().labels(pod_labels::MODEL_DEPLOYMENT);
-    // Owned objects only trigger reconciles (reconcile reads them fresh): watching their
-    // metadata is enough and keeps memory flat with thousands of objects.
-    let deployments = watcher(
-        api::<PartialObjectMeta<Deployment>>(&client, &namespace),
-        owned.clone(),
-    )
-    .default_backoff()
-    .touched_objects();
-    let services = watcher(
-        api::<PartialObjectMeta<Service>>(&client, &namespace),
-        owned.clone(),
-    )
-    .default_backoff()
-    .touched_objects();
-    let pdbs = watcher(
-        api::<PartialObjectMeta<PodDisruptionBudget>>(&client, &namespace),
-        owned,
-    )
-    .default_backoff()
-    .touched_objects();
+    let client = shared.client.clone();
+    let (caches, owned_changed, _watches) = cache::start(&client, namespace.as_deref());
+    let ctx = Arc::new(Context::new(shared, caches));
+    let api: Api<ModelDeployment> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
     // Only spec changes (generation) trigger a reconcile; the operator's own status writes
     // must not, or every status write would schedule the next one.
     let (reader, writer) = reflector::store();
-    let model_deployments = watcher(
-        api::<ModelDeployment>(&client, &namespace),
-        watcher::Config::default().any_semantic(),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .applied_objects()
-    .predicate_filter(predicates::generation, Default::default());
+    ctx.metrics.track(reader.clone());
+    let model_deployments = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(cache::slim_model_deployment)
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
     Controller::for_stream(model_deployments, reader)
         .with_config(ControllerConfig::default().concurrency(RECONCILE_CONCURRENCY))
-        .owns_stream(deployments)
-        .owns_stream(services)
-        .owns_stream(pdbs)
-        // Pod failures (unschedulable, crash loops) change status without touching the Deployment.
-        .watches(api::<Pod>(&client, &namespace), pods, |pod: Pod| {
-            let md = pod.labels().get(pod_labels::MODEL_DEPLOYMENT)?.clone();
-            Some(ObjectRef::new(&md).within(&pod.namespace()?))
-        })
+        // Changes of owned Deployments, Services, PDBs and pods, from the cache watches.
+        .reconcile_on(owned_changed)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -2,13 +2,16 @@
 //! tells the truth about them in status.
 //!
 //! Reconcile is a named pipeline, one module per step: [`observe`] → [`validate`] →
-//! [`decide`] → [`build`] → [`apply`] → [`status`]. Only observe, apply and status do I/O.
+//! [`decide`] → [`build`] → [`apply`] → [`status`]. Apply and status write to the API
+//! server; observe reads the [`cache`] of owned objects and the serving signals.
 pub mod apply;
 pub mod autoscale;
 pub mod build;
+pub mod cache;
 pub mod config;
 pub mod controller;
 pub mod decide;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod observe;

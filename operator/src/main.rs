@@ -14,13 +14,13 @@ use axum::routing::get;
 use clap::{Parser, ValueEnum};
 use kestrel_operator::autoscale::Profiles;
 use kestrel_operator::config::PriceTable;
-use kestrel_operator::controller::{self, Config, Context};
+use kestrel_operator::controller::{self, Config, Shared};
+use kestrel_operator::events::Publisher;
 use kestrel_operator::leader::LeaderElector;
 use kestrel_operator::metrics::Metrics;
 use kestrel_operator::signals::{MetricsSource, NoMetrics};
 use kestrel_policy::profile::WorkerProfile;
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::watch;
 use tracing::{error, info};
 
@@ -172,10 +172,6 @@ async fn main() -> anyhow::Result<()> {
         Some(url) => Arc::new(kestrel_operator::signals::prometheus::PrometheusSource::new(url)?),
         None => Arc::new(NoMetrics),
     };
-    let reporter = Reporter {
-        controller: "kestrel-operator".into(),
-        instance: Some(identity.clone()),
-    };
     let config = Config {
         default_image: args.worker_image.clone(),
         prices,
@@ -184,13 +180,13 @@ async fn main() -> anyhow::Result<()> {
         signal_window_seconds: args.signal_window_seconds,
         profiles: load_profiles(&args.profiles)?,
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Recorder::new(client, reporter),
+    let shared = Shared {
+        client: client.clone(),
+        events: Arc::new(Publisher::new(client, "kestrel-operator", &identity)),
         metrics,
         config,
         signals,
-    ));
+    };
     let namespaces: Vec<Option<String>> = {
         let listed: Vec<_> = args
             .watch_namespaces
@@ -214,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
                 _ = lost.wait_for(|l| *l) => {}
             }
         };
-        controller::run(ctx.clone(), ns, stop)
+        controller::run(shared.clone(), ns, stop)
     });
     futures::future::join_all(runs).await;
     if *lost_rx.borrow() {

@@ -1,13 +1,18 @@
 //! The operator's own metrics (`/metrics` of the operator, not of workers).
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use kestrel_crds::ModelDeployment;
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -33,14 +38,8 @@ pub type Labels = Vec<(&'static str, String)>;
 /// Counters and histograms the reconciler updates.
 #[derive(Clone)]
 pub struct Metrics {
-    /// `kestrel_modeldeployment_condition{namespace,name,type,status}`: 1 for each
-    /// condition's current status, 0 for the others.
-    pub md_condition: Family<Labels, Gauge>,
-    /// `kestrel_modeldeployment_replicas{namespace,name,variant,state}` (desired|ready).
-    pub md_replicas: Family<Labels, Gauge>,
-    pub md_p95_target: Family<Labels, Gauge<f64, AtomicU64>>,
-    pub md_cost: Family<Labels, Gauge<f64, AtomicU64>>,
-    pub md_budget: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// Per-ModelDeployment gauges, read from the ModelDeployment caches at each scrape.
+    pub status_gauges: StatusGauges,
     /// Decisions that changed replicas or variant, by reason.
     pub md_decisions: Family<Labels, Counter>,
     pub reconciles: Family<ResultLabels, Counter>,
@@ -54,39 +53,11 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut root = Registry::default();
-        let md_condition = Family::<Labels, Gauge>::default();
-        let md_replicas = Family::<Labels, Gauge>::default();
-        let md_p95_target = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-        let md_cost = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-        let md_budget = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let md_decisions = Family::<Labels, Counter>::default();
+        let status_gauges = StatusGauges::default();
         {
             let md = root.sub_registry_with_prefix("kestrel_modeldeployment");
-            md.register(
-                "condition",
-                "Status conditions: 1 for the current status of each type",
-                md_condition.clone(),
-            );
-            md.register(
-                "replicas",
-                "Replicas per variant by state (desired, ready)",
-                md_replicas.clone(),
-            );
-            md.register(
-                "p95_target_seconds",
-                "The SLO's p95 latency target",
-                md_p95_target.clone(),
-            );
-            md.register(
-                "cost_per_hour",
-                "Cost per hour of the replicas that exist",
-                md_cost.clone(),
-            );
-            md.register(
-                "budget_per_hour",
-                "The budget's maximum cost per hour",
-                md_budget.clone(),
-            );
+            md.register_collector(Box::new(status_gauges.clone()));
             md.register(
                 "decisions",
                 "Decisions that changed replicas or variant, by reason",
@@ -103,7 +74,7 @@ impl Default for Metrics {
         let leader = Gauge::default();
         registry.register(
             "reconciles",
-            "Reconciles by result (ok, error, invalid_spec)",
+            "Reconciles by result (ok, error, invalid_spec, deleting)",
             reconciles.clone(),
         );
         registry.register(
@@ -127,11 +98,7 @@ impl Default for Metrics {
             leader.clone(),
         );
         Self {
-            md_condition,
-            md_replicas,
-            md_p95_target,
-            md_cost,
-            md_budget,
+            status_gauges,
             md_decisions,
             reconciles,
             errors,
@@ -161,51 +128,14 @@ impl Metrics {
         self.errors.get_or_create(&ErrorLabels { category }).inc();
     }
 
-    /// Publishes one ModelDeployment's status as gauges.
-    pub fn observe_status(
-        &self,
-        namespace: &str,
-        name: &str,
-        status: &kestrel_crds::ModelDeploymentStatus,
-        p95_target_ms: Option<f64>,
-        budget_per_hour: Option<f64>,
-    ) {
-        let md = || {
-            vec![
-                ("namespace", namespace.to_owned()),
-                ("name", name.to_owned()),
-            ]
-        };
-        for c in &status.conditions {
-            for s in ["True", "False", "Unknown"] {
-                let mut l = md();
-                l.extend([("type", c.type_.clone()), ("status", s.to_owned())]);
-                self.md_condition
-                    .get_or_create(&l)
-                    .set(i64::from(c.status == s));
-            }
-        }
-        for v in &status.variants {
-            for (state, n) in [("desired", v.desired_replicas), ("ready", v.ready_replicas)] {
-                let mut l = md();
-                l.extend([("variant", v.name.clone()), ("state", state.to_owned())]);
-                self.md_replicas.get_or_create(&l).set(i64::from(n));
-            }
-        }
-        if let Some(t) = p95_target_ms {
-            self.md_p95_target.get_or_create(&md()).set(t / 1000.0);
-        }
-        if let Some(c) = status.cost_per_hour.as_deref().and_then(|c| c.parse().ok()) {
-            self.md_cost.get_or_create(&md()).set(c);
-        }
-        match budget_per_hour {
-            Some(b) => {
-                self.md_budget.get_or_create(&md()).set(b);
-            }
-            None => {
-                self.md_budget.remove(&md());
-            }
-        }
+    /// Publishes the status of the ModelDeployments in this cache (one per watched
+    /// scope) as gauges.
+    pub fn track(&self, model_deployments: Store<ModelDeployment>) {
+        self.status_gauges
+            .stores
+            .lock()
+            .expect("not poisoned")
+            .push(model_deployments);
     }
 
     pub fn decided(&self, namespace: &str, name: &str, reason: &str) {
@@ -225,6 +155,125 @@ impl Metrics {
     }
 }
 
+/// The per-ModelDeployment gauges: `condition{namespace,name,type,status}` (1 for each
+/// condition's current status, 0 for the others), `replicas{namespace,name,variant,state}`
+/// (desired|ready), `p95_target_seconds`, `cost_per_hour` and `budget_per_hour`.
+///
+/// They are encoded from the ModelDeployment caches at each scrape, not kept as series:
+/// a thousand ModelDeployments cost no memory here, and a deleted one's series vanish
+/// with it instead of staying at their last value.
+#[derive(Clone, Default)]
+pub struct StatusGauges {
+    stores: Arc<Mutex<Vec<Store<ModelDeployment>>>>,
+}
+
+impl fmt::Debug for StatusGauges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StatusGauges").finish_non_exhaustive()
+    }
+}
+
+impl StatusGauges {
+    fn snapshot(&self) -> Vec<Arc<ModelDeployment>> {
+        let mut mds: Vec<_> = self
+            .stores
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .flat_map(Store::state)
+            .collect();
+        mds.sort_by_key(|md| (md.namespace(), md.name_any()));
+        mds
+    }
+}
+
+impl Collector for StatusGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mds = self.snapshot();
+        let ids: Vec<(String, String)> = mds
+            .iter()
+            .map(|md| (md.namespace().unwrap_or_default(), md.name_any()))
+            .collect();
+        let rows = || {
+            mds.iter()
+                .zip(&ids)
+                .map(|(md, (ns, name))| (md, ns.as_str(), name.as_str()))
+        };
+        {
+            let help = "Status conditions: 1 for the current status of each type";
+            let mut family =
+                encoder.encode_descriptor("condition", help, None, MetricType::Gauge)?;
+            for (md, namespace, name) in rows() {
+                for c in md.status.iter().flat_map(|s| &s.conditions) {
+                    for status in ["True", "False", "Unknown"] {
+                        let labels = [
+                            ("namespace", namespace),
+                            ("name", name),
+                            ("type", c.type_.as_str()),
+                            ("status", status),
+                        ];
+                        ConstGauge::new(i64::from(c.status == status))
+                            .encode(family.encode_family(&labels)?)?;
+                    }
+                }
+            }
+        }
+        {
+            let help = "Replicas per variant by state (desired, ready)";
+            let mut family =
+                encoder.encode_descriptor("replicas", help, None, MetricType::Gauge)?;
+            for (md, namespace, name) in rows() {
+                for v in md.status.iter().flat_map(|s| &s.variants) {
+                    for (state, n) in [("desired", v.desired_replicas), ("ready", v.ready_replicas)]
+                    {
+                        let labels = [
+                            ("namespace", namespace),
+                            ("name", name),
+                            ("variant", v.name.as_str()),
+                            ("state", state),
+                        ];
+                        ConstGauge::new(i64::from(n)).encode(family.encode_family(&labels)?)?;
+                    }
+                }
+            }
+        }
+        type Value = fn(&ModelDeployment) -> Option<f64>;
+        let per_object: [(&str, &str, Value); 3] = [
+            ("p95_target_seconds", "The SLO's p95 latency target", |md| {
+                Some(f64::from(md.spec.slo.p95_latency_ms) / 1000.0)
+            }),
+            (
+                "cost_per_hour",
+                "Cost per hour of the replicas that exist",
+                |md| md.status.as_ref()?.cost_per_hour.as_deref()?.parse().ok(),
+            ),
+            (
+                "budget_per_hour",
+                "The budget's maximum cost per hour",
+                |md| {
+                    md.spec
+                        .budget
+                        .as_ref()?
+                        .max_cost_per_hour
+                        .as_deref()?
+                        .parse()
+                        .ok()
+                },
+            ),
+        ];
+        for (metric, help, value) in per_object {
+            let mut family = encoder.encode_descriptor(metric, help, None, MetricType::Gauge)?;
+            for (md, namespace, name) in rows() {
+                if let Some(v) = value(md) {
+                    let labels = [("namespace", namespace), ("name", name)];
+                    ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,7 +284,15 @@ mod tests {
     #[test]
     fn a_model_deployments_status_becomes_gauges_an_alert_can_read() {
         let m = Metrics::default();
-        let status = kestrel_crds::ModelDeploymentStatus {
+        let (store, mut writer) = kube::runtime::reflector::store::<ModelDeployment>();
+        let mut md = crate::fixtures::md("minilm");
+        md.metadata.namespace = Some("search".into());
+        md.spec.slo.p95_latency_ms = 200;
+        md.spec.budget = Some(kestrel_crds::v1alpha1::BudgetSpec {
+            max_cost_per_hour: Some("1.5".into()),
+            ..Default::default()
+        });
+        md.status = Some(kestrel_crds::ModelDeploymentStatus {
             conditions: vec![Condition {
                 type_: "Ready".into(),
                 status: "False".into(),
@@ -252,8 +309,9 @@ mod tests {
             }],
             cost_per_hour: Some("0.20".into()),
             ..Default::default()
-        };
-        m.observe_status("search", "minilm", &status, Some(200.0), Some(1.5));
+        });
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(md));
+        m.track(store.clone());
         m.decided("search", "minilm", "ScaleUpQueueDepth");
         let text = m.encode();
         for line in [
@@ -272,5 +330,20 @@ mod tests {
             m.encode()
                 .contains(r#"kestrel_operator_reconciles_total{result="ok"} 1"#)
         );
+    }
+
+    #[test]
+    fn a_deleted_model_deployments_gauges_vanish_with_it() {
+        let m = Metrics::default();
+        let (store, mut writer) = kube::runtime::reflector::store::<ModelDeployment>();
+        let mut md = crate::fixtures::md("gone");
+        md.metadata.namespace = Some("search".into());
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(md.clone()));
+        m.track(store);
+        let series =
+            r#"kestrel_modeldeployment_p95_target_seconds{namespace="search",name="gone"}"#;
+        assert!(m.encode().contains(series));
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Delete(md));
+        assert!(!m.encode().contains(series), "{}", m.encode());
     }
 }

@@ -1,16 +1,16 @@
-//! observe: read what exists (owned objects, pod states, serving signals). The only
-//! step besides apply and status that does I/O; everything it returns is plain data.
+//! observe: read what exists (owned objects and pod states from the caches, serving
+//! signals from Prometheus); everything it returns is plain data.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kestrel_crds::contract::pod_labels;
-use kube::api::ListParams;
-use kube::{Api, Client, ResourceExt};
+use kube::ResourceExt;
 
 use crate::build::APPLIED_HASH;
+use crate::cache::Caches;
 use crate::signals::SignalsReading;
 
 /// Everything reconcile knows about the world for one ModelDeployment.
@@ -225,42 +225,32 @@ pub fn deployment_state(d: &Deployment) -> DeploymentState {
     }
 }
 
-/// Lists what the operator owns for one ModelDeployment.
-pub async fn owned_objects(
-    now: i64,
-    client: &Client,
-    namespace: &str,
-    name: &str,
-) -> Result<Observed, kube::Error> {
-    let selector = format!("{}={}", pod_labels::MODEL_DEPLOYMENT, name);
-    let lp = ListParams::default().labels(&selector);
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
-    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), namespace);
-    let (deployments, pods, service, pdb) = futures::try_join!(
-        deployments.list(&lp),
-        pods.list(&lp),
-        services.get_opt(name),
-        pdbs.get_opt(name),
-    )?;
-    let object_state =
-        |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| ObjectState {
-            name: meta.name.clone().unwrap_or_default(),
-            applied_hash: meta
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(APPLIED_HASH).cloned()),
-        };
-    let mut pod_problems: Vec<PodProblem> = pods
-        .items
+/// Reads what the operator owns for one ModelDeployment from its caches. Pure over the
+/// caches' contents (`now` in Unix seconds).
+pub fn owned_objects(now: i64, caches: &Caches, namespace: &str, name: &str) -> Observed {
+    let ours = |meta: &ObjectMeta| {
+        meta.labels
+            .as_ref()
+            .and_then(|l| l.get(pod_labels::MODEL_DEPLOYMENT))
+            .map(String::as_str)
+            == Some(name)
+    };
+    let object_state = |meta: ObjectMeta| ObjectState {
+        applied_hash: meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(APPLIED_HASH).cloned()),
+        name: meta.name.unwrap_or_default(),
+    };
+    let mut pod_problems: Vec<PodProblem> = caches
+        .pods_of(namespace, name)
         .iter()
         .filter_map(|p| pod_problem(p, now))
         .collect();
     pod_problems.sort();
-    Ok(Observed {
-        deployments: deployments
-            .items
+    Observed {
+        deployments: caches
+            .deployments_of(namespace, name)
             .iter()
             .filter_map(|d| {
                 Some((
@@ -270,25 +260,17 @@ pub async fn owned_objects(
             })
             .collect(),
         // Only objects that carry our label are ours; a same-named foreign object is left alone.
-        service: service
-            .filter(|s| {
-                s.labels()
-                    .get(pod_labels::MODEL_DEPLOYMENT)
-                    .map(String::as_str)
-                    == Some(name)
-            })
-            .map(|s| object_state(&s.metadata)),
-        pdb: pdb
-            .filter(|p| {
-                p.labels()
-                    .get(pod_labels::MODEL_DEPLOYMENT)
-                    .map(String::as_str)
-                    == Some(name)
-            })
-            .map(|p| object_state(&p.metadata)),
+        service: caches
+            .service(namespace, name)
+            .filter(|m| ours(m))
+            .map(object_state),
+        pdb: caches
+            .pdb(namespace, name)
+            .filter(|m| ours(m))
+            .map(object_state),
         pod_problems,
         signals: None,
-    })
+    }
 }
 
 #[cfg(test)]

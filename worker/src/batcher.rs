@@ -3,8 +3,9 @@
 //!
 //! Admission is bounded: past `max_queue` waiting requests `submit` refuses at once
 //! (the HTTP layer answers 429). A batch closes on `max_batch` inputs, `max_batch_tokens`
-//! padded tokens, or `max_wait` after its oldest request was admitted (it waits only
-//! while fewer inputs are queued than the recent batches held). A request whose
+//! padded tokens, or `max_wait` after its oldest request was admitted or the engine
+//! became free, whichever is later (it waits only while fewer inputs are queued than
+//! recent batches saw demanded). A request whose
 //! client went away before its batch started is dropped, never computed; one past its
 //! deadline is answered with a timeout.
 
@@ -88,6 +89,7 @@ impl Batcher {
             metrics: metrics.clone(),
             engine,
             recent: VecDeque::new(),
+            engine_free_at: Instant::now(),
         };
         let task = tokio::spawn(owner.run());
         let handle = Batcher {
@@ -196,8 +198,11 @@ struct QueueOwner {
     limits: BatchLimits,
     metrics: Arc<Metrics>,
     engine: Engine,
-    /// Inputs of the last few batches: how many to expect when the next one forms.
+    /// Demand seen by the last few batches (their inputs plus those that queued while
+    /// they ran): how many to expect when the next one forms.
     recent: VecDeque<usize>,
+    /// When the engine finished its last batch.
+    engine_free_at: Instant,
 }
 
 /// Batches remembered to set the expected size of the next one.
@@ -216,7 +221,14 @@ impl QueueOwner {
             self.wait_for_batch().await;
             let jobs = self.take_batch();
             if !jobs.is_empty() {
-                self.execute(jobs).await;
+                let inputs = self.execute(jobs).await;
+                self.engine_free_at = Instant::now();
+                // Clients answered by this batch come back a moment later; those that
+                // queued meanwhile are demand it could not take. Counting both lets the
+                // next batch wait for the returning clients instead of settling into
+                // alternating half-full batches under closed-loop load.
+                self.drain_channel();
+                self.remember_demand(inputs + self.queued_inputs());
             }
         }
         info!("batcher stopped: no more requests can arrive and the queue is empty");
@@ -232,10 +244,17 @@ impl QueueOwner {
         self.queue.iter().map(|j| j.inputs.len()).sum()
     }
 
-    /// Waits until the batch is full or the oldest request has waited `max_wait`.
-    /// Waits (at most `max_wait` after the oldest request's admission) until as many
-    /// inputs are queued as the largest of the recent batches: under steady load the
-    /// batch fills, while a lone request at low load runs at once.
+    fn remember_demand(&mut self, inputs: usize) {
+        if self.recent.len() == RECENT_BATCHES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(inputs);
+    }
+
+    /// Waits until as many inputs are queued as the largest recent demand (at most
+    /// `max_batch`), for at most `max_wait` after the oldest request's admission or the
+    /// end of the last batch, whichever is later: under steady load the batch fills,
+    /// while a lone request at low load runs at once.
     async fn wait_for_batch(&mut self) {
         let Some(oldest) = self.queue.front().map(|j| j.admitted) else {
             return;
@@ -247,7 +266,8 @@ impl QueueOwner {
             .max()
             .unwrap_or(1)
             .clamp(1, self.limits.max_batch);
-        let close_at = tokio::time::Instant::from_std(oldest + self.limits.max_wait);
+        let close_at =
+            tokio::time::Instant::from_std(oldest.max(self.engine_free_at) + self.limits.max_wait);
         while self.queued_inputs() < expected {
             match tokio::time::timeout_at(close_at, self.rx.recv()).await {
                 Ok(Some(job)) => {
@@ -310,31 +330,33 @@ impl QueueOwner {
         jobs
     }
 
-    async fn execute(&mut self, jobs: Vec<Job>) {
+    /// Runs one batch and answers its requests; returns the inputs it held.
+    async fn execute(&mut self, mut jobs: Vec<Job>) -> usize {
         let started = Instant::now();
         for job in &jobs {
             self.metrics
                 .queue_wait
                 .observe((started - job.admitted).as_secs_f64());
         }
-        let seqs: Vec<&[u32]> = jobs
-            .iter()
-            .flat_map(|j| j.inputs.iter().map(Vec::as_slice))
+        // The token ids move to the engine thread; each job keeps its count of inputs.
+        let counts: Vec<usize> = jobs.iter().map(|j| j.inputs.len()).collect();
+        let mut seqs: Vec<Vec<u32>> = jobs
+            .iter_mut()
+            .flat_map(|j| std::mem::take(&mut j.inputs))
             .collect();
-        let tokens: usize = seqs.iter().map(|s| s.len()).sum();
-        if self.recent.len() == RECENT_BATCHES {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(seqs.len());
-        let mut outputs: Vec<Vec<f32>> = Vec::with_capacity(seqs.len());
+        let tokens: usize = seqs.iter().map(Vec::len).sum();
+        let inputs = seqs.len();
+        let mut outputs: Vec<Vec<f32>> = Vec::with_capacity(inputs);
         let mut failure = None;
-        for chunk in seqs.chunks(self.limits.max_batch.max(1)) {
-            self.metrics.batch_size.observe(chunk.len() as f64);
-            let batch: Vec<Vec<u32>> = chunk.iter().map(|s| s.to_vec()).collect();
+        while !seqs.is_empty() {
+            let rest = seqs.split_off(seqs.len().min(self.limits.max_batch.max(1)));
+            let batch = std::mem::replace(&mut seqs, rest);
+            let n = batch.len();
+            self.metrics.batch_size.observe(n as f64);
             match self.engine.run(batch).await {
                 Ok(out) => outputs.extend(out),
                 Err(e) => {
-                    error!(error = %e, inputs = chunk.len(), "batch failed");
+                    error!(error = %e, inputs = n, "batch failed");
                     failure = Some(e.to_string());
                     break;
                 }
@@ -343,20 +365,21 @@ impl QueueOwner {
         self.metrics.tokens.inc_by(tokens as u64);
         debug!(
             requests = jobs.len(),
-            inputs = seqs.len(),
+            inputs,
             ms = started.elapsed().as_secs_f64() * 1e3,
             "batch done"
         );
         let mut outputs = outputs.into_iter();
-        for job in jobs {
+        for (job, count) in jobs.into_iter().zip(counts) {
             let result = match &failure {
                 Some(msg) => Err(JobError::Engine(msg.clone())),
-                None => Ok(outputs.by_ref().take(job.inputs.len()).collect()),
+                None => Ok(outputs.by_ref().take(count).collect()),
             };
             if job.reply.send(result).is_err() {
                 // The client left while its batch ran: the work is done but unread.
                 self.metrics.count(Outcome::Cancelled);
             }
         }
+        inputs
     }
 }

@@ -7,11 +7,12 @@
 //! concurrency limit stops polling its trigger streams, and a reconcile that waited
 //! for a cache driven by those streams would never finish.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStatus};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, PodStatus, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -21,6 +22,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
+use serde::Deserialize;
 use tokio::task::JoinSet;
 use tracing::{debug, info};
 
@@ -29,13 +31,76 @@ use crate::build::APPLIED_HASH;
 /// Label every object the operator applies carries.
 pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=kestrel-operator";
 
+/// A Deployment as the cache holds it: metadata, the replica count it asks for, and
+/// the counts of its status. The full object (a pod template, conditions) is about
+/// 2.5 KiB of struct before any string; this is a tenth of that.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct CachedDeployment {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ReplicasSpec,
+    #[serde(default)]
+    pub status: ReplicaCounts,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct ReplicasSpec {
+    pub replicas: Option<i32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaCounts {
+    pub replicas: Option<i32>,
+    pub ready_replicas: Option<i32>,
+    pub updated_replicas: Option<i32>,
+}
+
+/// A pod as the cache holds it: metadata and status (where its problems are read).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct CachedPod {
+    pub metadata: ObjectMeta,
+    pub status: Option<PodStatus>,
+}
+
+/// Implements [`Resource`] for a cached view by taking the API coordinates of the
+/// full type it is read from.
+macro_rules! view_of {
+    ($view:ty, $full:ty) => {
+        impl Resource for $view {
+            type DynamicType = ();
+            type Scope = <$full as Resource>::Scope;
+            fn kind(_: &()) -> Cow<'_, str> {
+                <$full as Resource>::kind(&())
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                <$full as Resource>::group(&())
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                <$full as Resource>::version(&())
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                <$full as Resource>::plural(&())
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+view_of!(CachedDeployment, Deployment);
+view_of!(CachedPod, Pod);
+
 /// Read handles of the caches of owned objects, for one watched scope.
 #[derive(Clone)]
 pub struct Caches {
-    pub deployments: Store<Deployment>,
+    pub deployments: Store<CachedDeployment>,
     pub services: Store<PartialObjectMeta<Service>>,
     pub pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
-    pub pods: Store<Pod>,
+    pub pods: Store<CachedPod>,
 }
 
 impl Caches {
@@ -52,13 +117,13 @@ impl Caches {
     }
 
     /// Worker Deployments of one ModelDeployment.
-    pub fn deployments_of(&self, namespace: &str, name: &str) -> Vec<Arc<Deployment>> {
+    pub fn deployments_of(&self, namespace: &str, name: &str) -> Vec<Arc<CachedDeployment>> {
         self.deployments
             .state_filter(|d| belongs_to(d.meta(), namespace, name))
     }
 
     /// Worker pods of one ModelDeployment.
-    pub fn pods_of(&self, namespace: &str, name: &str) -> Vec<Arc<Pod>> {
+    pub fn pods_of(&self, namespace: &str, name: &str) -> Vec<Arc<CachedPod>> {
         self.pods
             .state_filter(|p| belongs_to(p.meta(), namespace, name))
     }
@@ -95,41 +160,27 @@ pub fn owner_of(meta: &ObjectMeta) -> Option<ObjectRef<ModelDeployment>> {
 }
 
 /// Keeps of an object's metadata what reconcile and the caches' keys read: name,
-/// namespace, labels, the applied-hash annotation, and the timestamps.
+/// namespace, uid, the two Kestrel labels, the applied-hash annotation, and the
+/// timestamps. Managed fields (the write history of every field manager) are most of
+/// an object's size.
 pub fn slim_meta(meta: &mut ObjectMeta) {
     meta.managed_fields = None;
     meta.owner_references = None;
     meta.finalizers = None;
+    meta.generate_name = None;
+    if let Some(labels) = meta.labels.as_mut() {
+        labels.retain(|k, _| k == pod_labels::MODEL_DEPLOYMENT || k == pod_labels::VARIANT);
+    }
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.retain(|k, _| k == APPLIED_HASH);
     }
 }
 
-/// Keeps of a Deployment its replica count and the counts of its status.
-pub fn slim_deployment(d: &mut Deployment) {
-    slim_meta(&mut d.metadata);
-    let replicas = d.spec.as_ref().and_then(|s| s.replicas);
-    d.spec = Some(DeploymentSpec {
-        replicas,
-        ..Default::default()
-    });
-    if let Some(s) = d.status.take() {
-        d.status = Some(DeploymentStatus {
-            replicas: s.replicas,
-            ready_replicas: s.ready_replicas,
-            updated_replicas: s.updated_replicas,
-            observed_generation: s.observed_generation,
-            ..Default::default()
-        });
-    }
-}
-
 /// Keeps of a pod what its problems are read from: scheduling conditions and container
-/// states. The spec, the largest part, goes.
-pub fn slim_pod(p: &mut Pod) {
+/// states.
+pub fn slim_pod(p: &mut CachedPod) {
     slim_meta(&mut p.metadata);
     p.metadata.annotations = None;
-    p.spec = None;
     if let Some(s) = p.status.take() {
         p.status = Some(PodStatus {
             phase: s.phase,
@@ -159,13 +210,13 @@ pub fn start(
 ) {
     let (tx, rx) = mpsc::unbounded();
     let mut tasks = JoinSet::new();
-    let owned = watcher::Config::default().labels(MANAGED_BY_SELECTOR);
-    let pods_config = watcher::Config::default().labels(pod_labels::MODEL_DEPLOYMENT);
+    let owned = list_config().labels(MANAGED_BY_SELECTOR);
+    let pods_config = list_config().labels(pod_labels::MODEL_DEPLOYMENT);
 
     let (deployments, writer) = reflector::store();
-    let stream = watcher(api::<Deployment>(client, namespace), owned.clone())
+    let stream = watcher(api::<CachedDeployment>(client, namespace), owned.clone())
         .default_backoff()
-        .modify(slim_deployment)
+        .modify(|d: &mut CachedDeployment| slim_meta(&mut d.metadata))
         .reflect(writer);
     tasks.spawn(forward("deployments", stream, tx.clone()));
 
@@ -191,7 +242,7 @@ pub fn start(
 
     // Pod failures (unschedulable, crash loops) change status without touching the Deployment.
     let (pods, writer) = reflector::store();
-    let stream = watcher(api::<Pod>(client, namespace), pods_config)
+    let stream = watcher(api::<CachedPod>(client, namespace), pods_config)
         .default_backoff()
         .modify(slim_pod)
         .reflect(writer);
@@ -204,6 +255,16 @@ pub fn start(
         pods,
     };
     (caches, rx, tasks)
+}
+
+/// Objects per page of a watch's initial list. Each page is held whole, managed fields
+/// and all, until its objects are slimmed: small pages keep that transient peak (and the
+/// heap fragmentation it leaves) small, at the cost of a few more list calls at start.
+pub const LIST_PAGE_SIZE: u32 = 50;
+
+/// The watch settings every cache and the ModelDeployment watch use.
+pub fn list_config() -> watcher::Config {
+    watcher::Config::default().page_size(LIST_PAGE_SIZE)
 }
 
 /// Drives one reflected watch and sends the owner of each changed object.
@@ -250,10 +311,11 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn a_slim_deployment_keeps_what_reconcile_reads() {
-        let mut d: Deployment = serde_json::from_value(json!({
+    fn a_cached_deployment_keeps_what_reconcile_reads() {
+        let mut d: CachedDeployment = serde_json::from_value(json!({
             "metadata": {"name": "m-f32", "namespace": "ns",
-                "labels": {"kestrel.dev/model-deployment": "m", "kestrel.dev/variant": "f32"},
+                "labels": {"kestrel.dev/model-deployment": "m", "kestrel.dev/variant": "f32",
+                    "app.kubernetes.io/name": "kestrel-worker"},
                 "annotations": {APPLIED_HASH: "abc", "deployment.kubernetes.io/revision": "3"},
                 "managedFields": [{"manager": "kestrel-operator", "operation": "Apply"}]},
             "spec": {"replicas": 3, "selector": {"matchLabels": {"a": "b"}},
@@ -262,34 +324,55 @@ mod tests {
                 "conditions": [{"type": "Available", "status": "True"}]}
         }))
         .unwrap();
-        let before = crate::observe::deployment_state(&d);
-        slim_deployment(&mut d);
-        assert_eq!(crate::observe::deployment_state(&d), before);
+        slim_meta(&mut d.metadata);
+        assert_eq!(
+            crate::observe::deployment_state(&d),
+            crate::observe::DeploymentState {
+                name: "m-f32".into(),
+                applied_hash: Some("abc".into()),
+                spec_replicas: 3,
+                replicas: 3,
+                ready_replicas: 2,
+                updated_replicas: 3,
+            }
+        );
         assert_eq!(
             owner_of(&d.metadata),
             Some(ObjectRef::new("m").within("ns"))
         );
         assert!(d.metadata.managed_fields.is_none());
+        assert_eq!(d.metadata.labels.as_ref().unwrap().len(), 2);
         assert_eq!(d.metadata.annotations.as_ref().unwrap().len(), 1);
-        assert!(d.spec.as_ref().unwrap().template.spec.is_none());
     }
 
     #[test]
     fn a_slim_pod_keeps_its_problem() {
-        let mut p: Pod = serde_json::from_value(json!({
+        let json = json!({
             "metadata": {"name": "m-f32-1", "namespace": "ns",
                 "labels": {"kestrel.dev/model-deployment": "m"}},
             "spec": {"containers": [{"name": "worker", "image": "w", "args": ["serve"]}]},
             "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
                 "reason": "Unschedulable", "message": "0/1 nodes are available"}],
                 "podIPs": [{"ip": "10.0.0.1"}]}
-        }))
-        .unwrap();
+        });
+        let mut p: CachedPod = serde_json::from_value(json).unwrap();
         let before = crate::observe::pod_problem(&p, 0);
         assert!(before.is_some());
         slim_pod(&mut p);
         assert_eq!(crate::observe::pod_problem(&p, 0), before);
-        assert!(p.spec.is_none());
+        assert!(p.status.unwrap().pod_ips.is_none());
+    }
+
+    #[test]
+    fn cached_views_use_the_api_coordinates_of_the_full_types() {
+        assert_eq!(
+            CachedDeployment::url_path(&(), Some("ns")),
+            "/apis/apps/v1/namespaces/ns/deployments"
+        );
+        assert_eq!(
+            CachedPod::url_path(&(), Some("ns")),
+            "/api/v1/namespaces/ns/pods"
+        );
     }
 
     #[test]

@@ -328,7 +328,7 @@ pub async fn run(
     // must not, or every status write would schedule the next one.
     let (reader, writer) = reflector::store();
     ctx.metrics.track(reader.clone());
-    let model_deployments = watcher(api, watcher::Config::default().any_semantic())
+    let model_deployments = watcher(api, cache::list_config().any_semantic())
         .default_backoff()
         .modify(cache::slim_model_deployment)
         .reflect(writer)

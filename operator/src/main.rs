@@ -92,9 +92,21 @@ struct Args {
     identity: Option<String>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // One malloc arena, set before any thread starts: the operator's threads mostly wait
+    // on the network, and per-thread arenas each kept their own freed pages (about 3 MiB
+    // of RSS per thread with 1,000 ModelDeployments).
+    // SAFETY: mallopt only changes glibc's allocator settings; no other thread exists yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("failed to parse --log-level {:?}", args.log_level))?;
     match args.log_format {
@@ -110,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("failed to build a Kubernetes client")?;
     let metrics = Metrics::default();
+    tokio::spawn(return_freed_memory());
     let ready = Arc::new(AtomicBool::new(false));
     serve_health(args.metrics_addr, metrics.clone(), ready.clone()).await?;
 
@@ -233,6 +246,20 @@ fn load_profiles(paths: &[std::path::PathBuf]) -> anyhow::Result<Profiles> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Profiles(profiles))
+}
+
+/// Hands freed heap pages back to the system every 30 s. Watch events are parsed whole
+/// (managed fields and all) and then slimmed for the caches, so the heap is full of
+/// small holes; glibc returns only the top of each arena on its own, which left the
+/// operator's RSS at twice its live heap (docs/benchmarks.md, operator scale).
+async fn return_freed_memory() {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        // SAFETY: malloc_trim only releases free pages of glibc's own arenas; it takes
+        // the arenas' locks and touches no memory the program owns.
+        unsafe { libc::malloc_trim(0) };
+    }
 }
 
 async fn shutdown_signal() {

@@ -3,14 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kestrel_crds::contract::pod_labels;
 use kube::ResourceExt;
 
 use crate::build::APPLIED_HASH;
-use crate::cache::Caches;
+use crate::cache::{CachedDeployment, CachedPod, Caches};
 use crate::signals::SignalsReading;
 
 /// Everything reconcile knows about the world for one ModelDeployment.
@@ -137,7 +135,7 @@ impl PodProblem {
 pub const STUCK_CREATING_SECONDS: i64 = 90;
 
 /// Reads one pod's state into a problem, if it has one. Pure (`now` in Unix seconds).
-pub fn pod_problem(pod: &Pod, now: i64) -> Option<PodProblem> {
+pub fn pod_problem(pod: &CachedPod, now: i64) -> Option<PodProblem> {
     let name = pod.name_any();
     let status = pod.status.as_ref()?;
     if pod.metadata.deletion_timestamp.is_some() {
@@ -213,15 +211,14 @@ pub fn pod_problem(pod: &Pod, now: i64) -> Option<PodProblem> {
 }
 
 /// Reads a Deployment into the state reconcile needs. Pure.
-pub fn deployment_state(d: &Deployment) -> DeploymentState {
-    let status = d.status.clone().unwrap_or_default();
+pub fn deployment_state(d: &CachedDeployment) -> DeploymentState {
     DeploymentState {
         name: d.name_any(),
         applied_hash: d.annotations().get(APPLIED_HASH).cloned(),
-        spec_replicas: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
-        replicas: status.replicas.unwrap_or(0),
-        ready_replicas: status.ready_replicas.unwrap_or(0),
-        updated_replicas: status.updated_replicas.unwrap_or(0),
+        spec_replicas: d.spec.replicas.unwrap_or(1),
+        replicas: d.status.replicas.unwrap_or(0),
+        ready_replicas: d.status.ready_replicas.unwrap_or(0),
+        updated_replicas: d.status.updated_replicas.unwrap_or(0),
     }
 }
 
@@ -278,7 +275,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn pod(status: serde_json::Value) -> Pod {
+    fn pod(status: serde_json::Value) -> CachedPod {
         serde_json::from_value(json!({"metadata": {"name": "p-1"}, "status": status})).unwrap()
     }
 
@@ -327,7 +324,7 @@ mod tests {
 
     #[test]
     fn a_container_stuck_creating_is_reported_after_the_grace() {
-        let p: Pod = serde_json::from_value(json!({"metadata": {"name": "p-1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        let p: CachedPod = serde_json::from_value(json!({"metadata": {"name": "p-1", "creationTimestamp": "2026-01-01T00:00:00Z"},
             "status": {"phase": "Pending", "containerStatuses": [{"name": "worker", "image": "w", "imageID": "",
             "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}})).unwrap();
         let created = 1_767_225_600; // 2026-01-01T00:00:00Z

@@ -140,13 +140,16 @@ impl LoadResult {
     }
 }
 
-fn request_body(sentence: &str) -> serde_json::Value {
-    json!({"input": sentence, "model": crate::engine::MODEL_NAME})
+fn request_body(sentences: &[&str]) -> serde_json::Value {
+    match sentences {
+        [one] => json!({"input": one, "model": crate::engine::MODEL_NAME}),
+        many => json!({"input": many, "model": crate::engine::MODEL_NAME}),
+    }
 }
 
-async fn one_request(client: &HttpClient, url: &str, sentence: &str, into: &mut LoadResult) {
+async fn one_request(client: &HttpClient, url: &str, sentences: &[&str], into: &mut LoadResult) {
     let started = Instant::now();
-    match client.post_json(url, &request_body(sentence)).await {
+    match client.post_json(url, &request_body(sentences)).await {
         Ok(r) if r.status.is_success() => {
             into.ok += 1;
             into.latencies_ms
@@ -159,6 +162,16 @@ async fn one_request(client: &HttpClient, url: &str, sentence: &str, into: &mut 
 
 /// Closed loop: `concurrency` clients, each sending its next request when answered.
 pub async fn closed_loop(base_url: &str, concurrency: usize, seconds: f64) -> LoadResult {
+    closed_loop_inputs(base_url, concurrency, 1, seconds).await
+}
+
+/// Closed loop with `inputs` sentences per request (`ok` counts requests).
+pub async fn closed_loop_inputs(
+    base_url: &str,
+    concurrency: usize,
+    inputs: usize,
+    seconds: f64,
+) -> LoadResult {
     let url = format!("{base_url}{EMBEDDINGS_PATH}");
     let sentences = Arc::new(corpus::bench_sentences());
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
@@ -170,8 +183,11 @@ pub async fn closed_loop(base_url: &str, concurrency: usize, seconds: f64) -> Lo
             let mut result = LoadResult::default();
             let mut i = c * 7;
             while Instant::now() < deadline {
-                one_request(&client, &url, sentences[i % sentences.len()], &mut result).await;
-                i += 1;
+                let batch: Vec<&str> = (0..inputs.max(1))
+                    .map(|k| sentences[(i + k) % sentences.len()])
+                    .collect();
+                one_request(&client, &url, &batch, &mut result).await;
+                i += batch.len();
             }
             result
         })
@@ -213,7 +229,7 @@ pub async fn open_loop(
         let (client, url, sentences) = (client.clone(), url.clone(), sentences.clone());
         tasks.push(tokio::spawn(async move {
             let mut r = LoadResult::default();
-            one_request(&client, &url, sentences[i % sentences.len()], &mut r).await;
+            one_request(&client, &url, &[sentences[i % sentences.len()]], &mut r).await;
             drop(permit);
             r
         }));

@@ -32,6 +32,26 @@ enum Command {
     Profile(ProfileArgs),
     /// Worker HTTP throughput beside sentence-transformers and raw ONNX Runtime.
     Bench(BenchArgs),
+    /// Closed-loop HTTP load against a running worker; prints one JSON object.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// The worker's base URL, e.g. http://127.0.0.1:8080 (loopback or the local cluster).
+    #[arg(long)]
+    url: String,
+    /// Clients, each sending its next request when answered.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Sentences per request (the bench set, cycled).
+    #[arg(long, default_value_t = 1)]
+    inputs: usize,
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Unmeasured load first (warms the batch shapes).
+    #[arg(long, default_value_t = 1.0)]
+    warmup_seconds: f64,
 }
 
 #[derive(Debug, Args)]
@@ -232,6 +252,36 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(serve(config))
         }
         Command::Profile(args) => run_profile(args, &runtime),
+        Command::Load(args) => {
+            use kestrel_worker::bench::closed_loop_inputs;
+            let r = runtime.block_on(async {
+                if args.warmup_seconds > 0.0 {
+                    closed_loop_inputs(
+                        &args.url,
+                        args.concurrency,
+                        args.inputs,
+                        args.warmup_seconds,
+                    )
+                    .await;
+                }
+                closed_loop_inputs(&args.url, args.concurrency, args.inputs, args.seconds).await
+            });
+            let doc = serde_json::json!({
+                "concurrency": args.concurrency,
+                "inputs_per_request": args.inputs,
+                "requests": r.ok,
+                "rejected": r.rejected,
+                "errors": r.errors,
+                "seconds": r.seconds,
+                "requests_per_second": r.throughput(),
+                "items_per_second": r.throughput() * args.inputs as f64,
+                "p50_ms": r.percentile(50.0),
+                "p95_ms": r.percentile(95.0),
+                "p99_ms": r.percentile(99.0),
+            });
+            println!("{doc}");
+            Ok(())
+        }
         Command::Bench(args) => {
             let threads = match args.threads {
                 0 => std::thread::available_parallelism()

@@ -1,14 +1,27 @@
 //! BERT encoder on candle (f32/f16/bf16), from `model.safetensors`.
 //!
 //! A compact BERT with fused QKV projection; layer norm and softmax use candle-nn's
-//! fused kernels. This backend stays for the CUDA path; on CPU ONNX Runtime is faster.
+//! fused kernels. It is the CUDA path (`--features cuda`); on CPU ONNX Runtime is faster.
+//! Mean pooling and normalization run on the device, so only `[rows, hidden]` f32
+//! values cross back to the host.
+//!
+//! Shaped for candle's CUDA kernels, whose broadcasting element-wise ops take a slow
+//! strided-index path (Nsight Compute on an H100: bias and mask additions were 56 % of
+//! the GPU time at batch 256): each bias rides in its matrix product as an extra input
+//! column of ones (`BiasedLinear`), the attention mask is expanded once per call, and
+//! pooling is a matrix product with the mask.
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
-use super::{EmbeddingBackend, EngineError, Precision, TokenBatch, mean_pool_normalize};
+use super::{EmbeddingBackend, EngineError, PADDING_SLACK, Precision, TokenBatch};
+
+/// Padding slack on a GPU: a call's ~170 kernel launches cost more than the padding of
+/// thousands of tokens (measured on an H100: 3 length groups of a 256-sentence batch took
+/// 13 ms, one padded call far less; docs/benchmarks.md).
+const GPU_PADDING_SLACK: f64 = 16.0;
 
 #[derive(Debug, serde::Deserialize)]
 struct BertConfig {
@@ -37,12 +50,47 @@ impl LayerNorm {
     }
 }
 
+/// Extra input columns of a [`BiasedLinear`]: a column of ones, then zeros up to a
+/// multiple of 8 elements (16-byte rows keep cuBLAS on its tensor-core kernels).
+const BIAS_COLUMNS: usize = 8;
+
+/// `x·Wᵀ + b` as one matrix product `[x | 1 0…0]·[W | b 0…0]ᵀ`: no broadcast addition.
+struct BiasedLinear {
+    /// `[out, in + BIAS_COLUMNS]`.
+    weight: Tensor,
+}
+
+impl BiasedLinear {
+    fn new(weight: Tensor, bias: Tensor) -> candle_core::Result<Self> {
+        let out = weight.dim(0)?;
+        let zeros = Tensor::zeros((out, BIAS_COLUMNS - 1), weight.dtype(), weight.device())?;
+        let weight = Tensor::cat(&[&weight, &bias.unsqueeze(1)?, &zeros], 1)?;
+        Ok(BiasedLinear { weight })
+    }
+
+    /// `x` is `[rows, in]`; `ones` is `[rows, BIAS_COLUMNS]` from [`bias_columns`].
+    fn forward(&self, x: &Tensor, ones: &Tensor) -> candle_core::Result<Tensor> {
+        Tensor::cat(&[x, ones], 1)?.matmul(&self.weight.t()?)
+    }
+}
+
+/// The `[rows, BIAS_COLUMNS]` block `[1 0 … 0]` that [`BiasedLinear`] appends to inputs.
+fn bias_columns(rows: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    Tensor::cat(
+        &[
+            Tensor::ones((rows, 1), dtype, device)?,
+            Tensor::zeros((rows, BIAS_COLUMNS - 1), dtype, device)?,
+        ],
+        1,
+    )
+}
+
 struct Layer {
-    qkv: Linear,
-    attn_out: Linear,
+    qkv: BiasedLinear,
+    attn_out: BiasedLinear,
     attn_ln: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: BiasedLinear,
+    output: BiasedLinear,
     out_ln: LayerNorm,
 }
 
@@ -58,15 +106,19 @@ pub struct CandleBert {
     device: Device,
 }
 
-fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Linear> {
-    Ok(Linear::new(
+fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<BiasedLinear> {
+    BiasedLinear::new(
         vb.get((out_dim, in_dim), "weight")?,
-        Some(vb.get(out_dim, "bias")?),
-    ))
+        vb.get(out_dim, "bias")?,
+    )
 }
 
 impl CandleBert {
-    pub fn load(model_dir: &Path, precision: Precision) -> Result<Self, EngineError> {
+    pub fn load(
+        model_dir: &Path,
+        precision: Precision,
+        device: Device,
+    ) -> Result<Self, EngineError> {
         let config_path = model_dir.join("config.json");
         let config: BertConfig = std::fs::read_to_string(&config_path)
             .map_err(|e| e.to_string())
@@ -87,7 +139,6 @@ impl CandleBert {
             }
         };
         let weights = model_dir.join("model.safetensors");
-        let device = Device::Cpu;
         // SAFETY: the weights file is mapped read-only and not modified while mapped.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, &device) }
             .map_err(|e| EngineError::ModelFile {
@@ -132,7 +183,7 @@ impl CandleBert {
                 )?;
                 let inter = l.pp("intermediate.dense").get_unchecked("weight")?.dim(0)?;
                 Ok(Layer {
-                    qkv: Linear::new(qkv_w, Some(qkv_b)),
+                    qkv: BiasedLinear::new(qkv_w, qkv_b)?,
                     attn_out: linear(a.pp("output.dense"), h, h)?,
                     attn_ln: LayerNorm::load(a.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
                     intermediate: linear(l.pp("intermediate.dense"), h, inter)?,
@@ -154,43 +205,56 @@ impl CandleBert {
         })
     }
 
+    /// Embeddings of the batch, `rows × hidden` row-major, mean-pooled and normalized.
     fn forward(&self, batch: &TokenBatch) -> candle_core::Result<Vec<f32>> {
         let (b, l, h) = (batch.rows, batch.seq_len, self.hidden);
-        let hd = h / self.heads;
+        let (heads, hd) = (self.heads, h / self.heads);
         let ids = Tensor::from_slice(&batch.ids, (b, l), &self.device)?;
         let positions = Tensor::arange(0u32, l as u32, &self.device)?;
-        let mut x = self
+        let x = self
             .word
             .forward(&ids)?
             .broadcast_add(&self.position.forward(&positions)?)?
             .broadcast_add(&self.token_type)?;
-        x = self.emb_ln.forward(&x)?;
-        // Additive mask: 0 for real tokens, a large negative number for padding.
-        let mask: Vec<f32> = batch
-            .mask
-            .iter()
-            .map(|&m| if m == 1 { 0.0 } else { -1e4 })
-            .collect();
-        let mask = Tensor::from_vec(mask, (b, 1, 1, l), &self.device)?.to_dtype(self.dtype)?;
+        // Rows are tokens from here on: [b·l, h].
+        let mut x = self.emb_ln.forward(&x)?.reshape((b * l, h))?;
+        let ones = bias_columns(b * l, self.dtype, &self.device)?;
+        let real = Tensor::from_slice(&batch.mask, (b, l), &self.device)?.to_dtype(DType::F32)?;
+        // Additive mask, 0 for real tokens and a large negative number for padding,
+        // expanded once to the scores' shape so that each layer's addition is contiguous.
+        let mask = ((real.reshape((b, 1, 1, l))? - 1.0)? * 1e4)?
+            .to_dtype(self.dtype)?
+            .broadcast_as((b, heads, l, l))?
+            .contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x)?.reshape((b, l, 3, self.heads, hd))?;
+            let qkv = layer
+                .qkv
+                .forward(&x, &ones)?
+                .reshape((b, l, 3, heads, hd))?;
             let qkv = qkv.permute((2, 0, 3, 1, 4))?; // [3, b, heads, l, hd]
-            let q = qkv.get(0)?.contiguous()?;
+            // q is scaled rather than the scores: fewer elements.
+            let q = (qkv.get(0)? * scale)?;
             let k = qkv.get(1)?.contiguous()?;
             let v = qkv.get(2)?.contiguous()?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let scores = (q.matmul(&k.t()?)? + &mask)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * l, h))?;
             x = layer
                 .attn_ln
-                .forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
-            let inter = layer.intermediate.forward(&x)?.gelu_erf()?;
+                .forward(&(layer.attn_out.forward(&ctx, &ones)? + &x)?)?;
+            let inter = layer.intermediate.forward(&x, &ones)?.gelu_erf()?;
             x = layer
                 .out_ln
-                .forward(&(layer.output.forward(&inter)? + &x)?)?;
+                .forward(&(layer.output.forward(&inter, &ones)? + &x)?)?;
         }
-        x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        // Mean over real tokens as a product with the mask, then the L2 norm, in f32.
+        let x = x.to_dtype(DType::F32)?.reshape((b, l, h))?;
+        let summed = real.unsqueeze(1)?.matmul(&x)?.squeeze(1)?; // [b, h]
+        let counts = real.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?;
+        let mean = summed.broadcast_div(&counts)?;
+        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        mean.broadcast_div(&norm)?.flatten_all()?.to_vec1::<f32>()
     }
 }
 
@@ -199,11 +263,22 @@ impl EmbeddingBackend for CandleBert {
         if batch.rows == 0 {
             return Ok(Vec::new());
         }
-        let hidden = self.forward(batch).map_err(EngineError::candle)?;
-        Ok(mean_pool_normalize(&hidden, batch, self.hidden))
+        let pooled = self.forward(batch).map_err(EngineError::candle)?;
+        Ok(pooled
+            .chunks_exact(self.hidden)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     fn dimension(&self) -> usize {
         self.hidden
+    }
+
+    fn padding_slack(&self) -> f64 {
+        if self.device.is_cuda() {
+            GPU_PADDING_SLACK
+        } else {
+            PADDING_SLACK
+        }
     }
 }

@@ -90,27 +90,71 @@ impl std::fmt::Display for Device {
     }
 }
 
+/// The shared libraries a CUDA device needs at run time, each with the names tried:
+/// cudarc loads them on first use and panics when one is missing, so they are probed first.
+const CUDA_LIBRARIES: &[(&str, &[&str])] = &[
+    ("the NVIDIA driver", &["libcuda.so.1", "libcuda.so"]),
+    ("cuBLAS", &["libcublas.so.13", "libcublas.so"]),
+    ("cuBLASLt", &["libcublasLt.so.13", "libcublasLt.so"]),
+    ("cuRAND", &["libcurand.so.10", "libcurand.so"]),
+];
+
 impl Device {
     /// Fails with a clear message when the device cannot be used, before any library
     /// that would panic on a missing driver is touched.
     pub fn check_available(self) -> Result<(), EngineError> {
         match self {
             Device::Cpu => Ok(()),
+            Device::Cuda(_) if !cfg!(feature = "cuda") => Err(EngineError::DeviceUnavailable {
+                device: self.to_string(),
+                reason: "this kestrel-worker build has no CUDA support (CPU only; \
+                         worker/scripts/build-cuda builds one with the cuda feature)"
+                    .into(),
+            }),
             Device::Cuda(_) => {
-                // Probe the driver library first: CUDA runtimes panic when libcuda is absent.
-                let driver = ["libcuda.so.1", "libcuda.so"]
-                    .iter()
-                    .any(|name| unsafe { libloading::Library::new(*name) }.is_ok());
-                if !driver {
-                    return Err(EngineError::DeviceUnavailable {
-                        device: self.to_string(),
-                        reason: "no NVIDIA driver found (libcuda.so.1 cannot be loaded)".into(),
-                    });
+                for (what, names) in CUDA_LIBRARIES {
+                    // SAFETY: loading a system library runs its initializers, as cudarc would.
+                    let found = names
+                        .iter()
+                        .any(|name| unsafe { libloading::Library::new(*name) }.is_ok());
+                    if !found {
+                        return Err(EngineError::DeviceUnavailable {
+                            device: self.to_string(),
+                            reason: format!(
+                                "{what} cannot be loaded (tried {}): no NVIDIA driver here, \
+                                 or LD_LIBRARY_PATH lacks the CUDA 13 libraries",
+                                names.join(", ")
+                            ),
+                        });
+                    }
                 }
-                Err(EngineError::DeviceUnavailable {
+                Ok(())
+            }
+        }
+    }
+
+    /// The candle device; CUDA errors (and panics inside the CUDA bindings) become
+    /// [`EngineError::DeviceUnavailable`].
+    pub(crate) fn candle(self) -> Result<candle_core::Device, EngineError> {
+        match self {
+            Device::Cpu => Ok(candle_core::Device::Cpu),
+            Device::Cuda(ordinal) => {
+                self.check_available()?;
+                let unavailable = |reason: String| EngineError::DeviceUnavailable {
                     device: self.to_string(),
-                    reason: "this kestrel-worker build has no CUDA support (CPU only)".into(),
-                })
+                    reason,
+                };
+                match std::panic::catch_unwind(|| candle_core::Device::new_cuda(ordinal)) {
+                    Ok(Ok(device)) => Ok(device),
+                    Ok(Err(e)) => Err(unavailable(e.to_string())),
+                    Err(panic) => Err(unavailable(
+                        panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "the CUDA bindings panicked".into()),
+                    )),
+                }
             }
         }
     }
@@ -214,6 +258,15 @@ impl VariantSpec {
                 Precision::F32 | Precision::F16 | Precision::Bf16
             ) | (BackendKind::Onnx, Precision::F32 | Precision::Int8)
         );
+        if backend == BackendKind::Onnx && device != Device::Cpu {
+            return Err(EngineError::Backend {
+                backend: backend.as_str(),
+                message: format!(
+                    "variant {name} runs on ONNX Runtime, which this worker runs on CPU only \
+                     (on {device} serve f32, f16 or bf16)"
+                ),
+            });
+        }
         if !supported {
             return Err(EngineError::Backend {
                 backend: backend.as_str(),
@@ -266,11 +319,11 @@ impl TokenBatch {
     }
 }
 
-/// Padded tokens allowed per real token inside one engine call.
-const PADDING_SLACK: f64 = 1.25;
+/// Padded tokens allowed per real token inside one engine call, by default.
+pub const PADDING_SLACK: f64 = 1.25;
 
 /// Embeds sequences in groups of similar length: sorted by length and cut where
-/// padding to the group's longest would exceed [`PADDING_SLACK`]. Short and long
+/// padding to the group's longest would exceed the backend's padding slack. Short and long
 /// inputs in one batch then cost what they would alone, while groups stay large
 /// enough for efficient matrix products. Outputs are in input order.
 pub fn embed_grouped<S: AsRef<[u32]>>(
@@ -278,6 +331,7 @@ pub fn embed_grouped<S: AsRef<[u32]>>(
     seqs: &[S],
     pad_id: u32,
 ) -> Result<Vec<Vec<f32>>, EngineError> {
+    let slack = backend.padding_slack();
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| seqs[i].as_ref().len());
     let mut out: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
@@ -287,7 +341,7 @@ pub fn embed_grouped<S: AsRef<[u32]>>(
         while end < order.len() {
             let len = seqs[order[end]].as_ref().len();
             let rows = end - start + 1;
-            if end > start && (len * rows) as f64 > PADDING_SLACK * (real + len) as f64 {
+            if end > start && (len * rows) as f64 > slack * (real + len) as f64 {
                 break;
             }
             real += len;
@@ -316,6 +370,11 @@ pub trait EmbeddingBackend: Send {
     fn embed(&mut self, batch: &TokenBatch) -> Result<Vec<Vec<f32>>, EngineError>;
     /// Width of the embeddings.
     fn dimension(&self) -> usize;
+    /// Padded tokens allowed per real token in one call (see [`embed_grouped`]): where a
+    /// call's fixed cost dominates (a GPU's kernel launches), fewer larger calls win.
+    fn padding_slack(&self) -> f64 {
+        PADDING_SLACK
+    }
 }
 
 /// What `load` needs besides the variant.
@@ -335,7 +394,11 @@ pub fn load_backend(
 ) -> Result<Box<dyn EmbeddingBackend>, EngineError> {
     options.device.check_available()?;
     match variant.backend {
-        BackendKind::Candle => Ok(Box::new(CandleBert::load(model_dir, variant.precision)?)),
+        BackendKind::Candle => Ok(Box::new(CandleBert::load(
+            model_dir,
+            variant.precision,
+            options.device.candle()?,
+        )?)),
         BackendKind::Onnx => {
             let path = model_dir.join(ONNX_DIR).join(variant.onnx_file());
             if !path.is_file() {
@@ -398,7 +461,10 @@ mod tests {
         assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
         assert_eq!("cuda:1".parse::<Device>().unwrap(), Device::Cuda(1));
         assert!("gpu".parse::<Device>().is_err());
+        // No driver here (CI), or no cuda feature: a clear error, never a panic.
         let err = Device::Cuda(0).check_available().unwrap_err().to_string();
+        assert!(err.contains("cuda:0"), "{err}");
+        let err = Device::Cuda(0).candle().unwrap_err().to_string();
         assert!(err.contains("cuda:0"), "{err}");
     }
 
@@ -410,6 +476,10 @@ mod tests {
         assert_eq!(c.backend, BackendKind::Candle);
         assert!(VariantSpec::resolve("int8", Some(BackendKind::Candle), Device::Cpu).is_err());
         assert!(VariantSpec::resolve("q4", None, Device::Cpu).is_err());
+        let gpu = VariantSpec::resolve("f32", None, Device::Cuda(0)).unwrap();
+        assert_eq!(gpu.backend, BackendKind::Candle);
+        let err = VariantSpec::resolve("int8", None, Device::Cuda(0)).unwrap_err();
+        assert!(err.to_string().contains("CPU only"), "{err}");
     }
 
     #[test]

@@ -283,6 +283,12 @@ async fn more_gpus_than_the_node_has_shows_ready_false_with_the_schedulers_reaso
         "{}",
         ready.message
     );
+    // The scheduler's own counts ("0/3 nodes are available: …"), passed through.
+    assert!(
+        ready.message.contains("nodes are available") && ready.message.contains("0/"),
+        "the scheduler's node counts: {}",
+        ready.message
+    );
     let degraded = condition(&md, "Degraded").unwrap();
     assert_eq!(
         (degraded.status.as_str(), degraded.reason.as_str()),
@@ -347,6 +353,104 @@ async fn a_gpu_variant_lands_on_a_node_of_an_acceptable_product() {
         .limits
         .unwrap();
     assert_eq!(limits["nvidia.com/gpu"].0, "1");
+}
+
+/// Creates a cluster-scoped object unless it exists (tests running at once share it).
+async fn ensure<K>(api: &Api<K>, object: serde_json::Value)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
+{
+    let object: K = serde_json::from_value(object).unwrap();
+    match api.create(&kube::api::PostParams::default(), &object).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("failed to create {object:?}: {e}"),
+    }
+}
+
+/// The node a ModelDeployment's first scheduled pod is on, and that pod.
+async fn scheduled_pod(ns: &TestNamespace, md: &str) -> (String, Pod) {
+    let pods: Api<Pod> = ns.api();
+    let params = ListParams::default().labels(&format!("kestrel.dev/model-deployment={md}"));
+    let scheduled = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+    wait_for(
+        &format!("a pod of {md} to be scheduled"),
+        2 * MINUTE,
+        || async { Ok(pods.list(&params).await?.items.iter().any(scheduled)) },
+    )
+    .await
+    .unwrap();
+    let pod = pods
+        .list(&params)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(scheduled)
+        .unwrap();
+    (pod.spec.as_ref().unwrap().node_name.clone().unwrap(), pod)
+}
+
+#[tokio::test]
+async fn gpu_pods_prefer_the_first_acceptable_product_with_the_runtime_and_priority_class() {
+    use k8s_openapi::api::node::v1::RuntimeClass;
+    use k8s_openapi::api::scheduling::v1::PriorityClass;
+    // kwok's status-only GPU nodes (kestrel-sim-l4: NVIDIA-L4, kestrel-sim-a100:
+    // NVIDIA-A100-SXM4-40GB) are tainted; these variants tolerate the taint, so each
+    // could land on either, and the product order alone decides. One namespace (and
+    // operator) per case.
+    let placement = "  placement:\n    tolerations: [{key: kwok.x-k8s.io/node, operator: Exists, effect: NoSchedule}]\n    runtimeClassName: kestrel-e2e-gpu\n    priorityClassName: kestrel-e2e-gpu\n";
+    let cases = [
+        (
+            "l4-first",
+            "[NVIDIA-L4, NVIDIA-A100-SXM4-40GB]",
+            "NVIDIA-L4",
+        ),
+        (
+            "a100-first",
+            "[NVIDIA-A100-SXM4-40GB, NVIDIA-L4]",
+            "NVIDIA-A100-SXM4-40GB",
+        ),
+    ];
+    for (name, products, want) in cases {
+        let mut ns = TestNamespace::new(&format!("gpu-{name}")).await.unwrap();
+        let labels = serde_json::json!({"kestrel.dev/e2e": "true"});
+        ensure::<RuntimeClass>(
+            &Api::all(ns.client.clone()),
+            serde_json::json!({"metadata": {"name": "kestrel-e2e-gpu", "labels": labels}, "handler": "runc"}),
+        )
+        .await;
+        ensure::<PriorityClass>(
+            &Api::all(ns.client.clone()),
+            serde_json::json!({"metadata": {"name": "kestrel-e2e-gpu", "labels": labels}, "value": 1000}),
+        )
+        .await;
+        ns.start_operator(&[]).unwrap();
+        let variants = format!(
+            "[{{name: gpu, precision: f16, accelerator: {{kind: nvidia, count: 1, products: {products}}}}}]"
+        );
+        ns.apply_yaml(&md_yaml(
+            name,
+            &variants,
+            &format!("  scaling: {{enabled: false}}\n  replicas: 1\n{placement}"),
+        ))
+        .await
+        .unwrap();
+        let (node, pod) = scheduled_pod(&ns, name).await;
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(ns.client.clone());
+        let product = nodes.get(&node).await.unwrap().labels()["nvidia.com/gpu.product"].clone();
+        assert_eq!(product, want, "{name}: the pod landed on {node}");
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("kestrel-e2e-gpu"));
+        assert_eq!(spec.priority_class_name.as_deref(), Some("kestrel-e2e-gpu"));
+        assert_eq!(
+            spec.priority,
+            Some(1000),
+            "admission resolved the PriorityClass"
+        );
+        let args = spec.containers[0].args.clone().unwrap().join(" ");
+        assert!(args.contains("--device cuda:0"), "{args}");
+    }
 }
 
 #[tokio::test]

@@ -481,7 +481,7 @@ mod tests {
     use crate::config::PriceTable;
     use crate::fixtures::{gpu_variant, md, plan};
     use crate::validate::validate;
-    use kestrel_crds::v1alpha1::Precision;
+    use kestrel_crds::v1alpha1::{PlacementSpec, Precision};
 
     fn valid(m: &kestrel_crds::ModelDeployment) -> ValidDeployment {
         validate(m, Some("kestrel-worker:dev"), &PriceTable::default()).unwrap()
@@ -741,6 +741,36 @@ mod tests {
         let limits = res.limits.unwrap();
         assert!(limits.contains_key("nvidia.com/mig-1g.10gb"));
         assert!(!limits.contains_key("nvidia.com/gpu"));
+    }
+
+    #[test]
+    fn placement_sets_runtime_and_priority_class_and_keeps_its_tolerations_beside_the_gpu_one() {
+        let mut m = md("llm");
+        m.spec.variants = vec![gpu_variant("h", Precision::F16, 1, &["NVIDIA-L4"])];
+        m.spec.placement = Some(PlacementSpec {
+            runtime_class_name: Some("nvidia".into()),
+            priority_class_name: Some("inference-high".into()),
+            tolerations: vec![Toleration {
+                key: Some("dedicated".into()),
+                operator: Some("Equal".into()),
+                value: Some("ml".into()),
+                effect: Some("NoSchedule".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let d = build(&valid(&m), &plan(&[("h", 1)]));
+        let p = pod(&d.deployments["h"]);
+        assert_eq!(p.runtime_class_name.as_deref(), Some("nvidia"));
+        assert_eq!(p.priority_class_name.as_deref(), Some("inference-high"));
+        let keys: Vec<_> = p
+            .tolerations
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|t| t.key.clone().unwrap())
+            .collect();
+        assert_eq!(keys, vec!["dedicated", "nvidia.com/gpu"]);
     }
 
     #[test]

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use crate::validate::Accelerator;
 
 /// Price of one replica per hour, by accelerator: `cpu`, an `nvidia.com/gpu.product`
-/// value (per GPU), or `nvidia` as the fallback for GPU products not listed.
+/// value (per GPU), `mig-<profile>` (per MIG slice, e.g. `mig-1g.10gb`), or `nvidia`
+/// as the fallback for GPU products not listed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PriceTable(BTreeMap<String, f64>);
 
@@ -33,16 +34,20 @@ impl PriceTable {
     }
 
     /// Price of one replica of a variant on `accelerator` (GPU prices are per GPU; the
-    /// first listed product that has a price sets it).
+    /// first listed product that has a price sets it; a MIG slice's own price, where the
+    /// table has one, comes first: a slice is not a whole GPU).
     pub fn replica_price(&self, accelerator: &Accelerator) -> f64 {
         match accelerator {
             Accelerator::Cpu => self.0.get("cpu").copied().unwrap_or(0.0),
             Accelerator::Nvidia {
-                count, products, ..
+                count,
+                products,
+                mig_profile,
             } => {
-                let per_gpu = products
-                    .iter()
-                    .find_map(|p| self.0.get(p))
+                let per_gpu = mig_profile
+                    .as_ref()
+                    .and_then(|m| self.0.get(&format!("mig-{m}")))
+                    .or_else(|| products.iter().find_map(|p| self.0.get(p)))
                     .or_else(|| self.0.get("nvidia"))
                     .copied()
                     .unwrap_or(0.0);
@@ -91,5 +96,24 @@ mod tests {
         };
         assert_eq!(t.replica_price(&l4), 1.6);
         assert_eq!(t.replica_price(&other), 2.0);
+    }
+
+    #[test]
+    fn the_preferred_product_with_a_price_sets_it_and_a_mig_slice_has_its_own() {
+        let t =
+            PriceTable::parse("nvidia=2.5,NVIDIA-H100-80GB-HBM3=4,NVIDIA-L4=0.8,mig-1g.10gb=0.6")
+                .unwrap();
+        let gpu = |products: &[&str], mig: Option<&str>| Accelerator::Nvidia {
+            count: 1,
+            products: products.iter().map(|p| p.to_string()).collect(),
+            mig_profile: mig.map(str::to_owned),
+        };
+        let (h100, l4) = ("NVIDIA-H100-80GB-HBM3", "NVIDIA-L4");
+        assert_eq!(t.replica_price(&gpu(&[h100, l4], None)), 4.0);
+        assert_eq!(t.replica_price(&gpu(&[l4, h100], None)), 0.8);
+        assert_eq!(t.replica_price(&gpu(&["NVIDIA-B200", l4], None)), 0.8);
+        assert_eq!(t.replica_price(&gpu(&[h100], Some("1g.10gb"))), 0.6);
+        // No price for this slice: the GPU's.
+        assert_eq!(t.replica_price(&gpu(&[h100], Some("3g.40gb"))), 4.0);
     }
 }

@@ -221,14 +221,7 @@ impl QueueOwner {
             self.wait_for_batch().await;
             let jobs = self.take_batch();
             if !jobs.is_empty() {
-                let inputs = self.execute(jobs).await;
-                self.engine_free_at = Instant::now();
-                // Clients answered by this batch come back a moment later; those that
-                // queued meanwhile are demand it could not take. Counting both lets the
-                // next batch wait for the returning clients instead of settling into
-                // alternating half-full batches under closed-loop load.
-                self.drain_channel();
-                self.remember_demand(inputs + self.queued_inputs());
+                self.execute(jobs).await;
             }
         }
         info!("batcher stopped: no more requests can arrive and the queue is empty");
@@ -330,8 +323,8 @@ impl QueueOwner {
         jobs
     }
 
-    /// Runs one batch and answers its requests; returns the inputs it held.
-    async fn execute(&mut self, mut jobs: Vec<Job>) -> usize {
+    /// Runs one batch and answers its requests.
+    async fn execute(&mut self, mut jobs: Vec<Job>) {
         let started = Instant::now();
         for job in &jobs {
             self.metrics
@@ -369,6 +362,13 @@ impl QueueOwner {
             ms = started.elapsed().as_secs_f64() * 1e3,
             "batch done"
         );
+        self.engine_free_at = Instant::now();
+        // Demand: this batch's inputs plus those that queued while it ran, counted
+        // before the answers go out (answered clients may be back at once). It lets the
+        // next batch wait for the clients it answers instead of settling into
+        // alternating half-full batches under closed-loop load.
+        self.drain_channel();
+        self.remember_demand(inputs + self.queued_inputs());
         let mut outputs = outputs.into_iter();
         for (job, count) in jobs.into_iter().zip(counts) {
             let result = match &failure {
@@ -380,6 +380,5 @@ impl QueueOwner {
                 self.metrics.count(Outcome::Cancelled);
             }
         }
-        inputs
     }
 }

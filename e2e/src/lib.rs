@@ -218,6 +218,15 @@ impl TestNamespace {
         Ok(url)
     }
 
+    /// Stops the operator this namespace started (SIGKILL, as when its pod is lost) and
+    /// waits until it is gone.
+    pub async fn stop_operator(&mut self) -> Result<()> {
+        if let Some(mut child) = self.operator.take() {
+            child.kill().await.context("failed to stop the operator")?;
+        }
+        Ok(())
+    }
+
     /// PID of the operator this namespace started.
     pub fn operator_pid(&self) -> Option<u32> {
         self.operator.as_ref()?.id()

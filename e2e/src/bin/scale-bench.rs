@@ -1,7 +1,9 @@
 //! Scale benchmark of the operator: N ModelDeployments (scaling disabled, 0 replicas) on
 //! a real API server. Measures the operator's RSS once settled, reconcile latency
 //! quantiles from its own histogram, and the write calls of an idle resync (which must
-//! be zero), and prints a table with each figure against its target.
+//! be zero); then restarts the operator over the existing objects and measures its RSS
+//! and write calls again (also zero), and prints a table with each figure against its
+//! target.
 //!
 //!   cargo run --release -p kestrel-e2e --bin scale-bench -- [COUNT] [OPERATOR_BIN]
 //!
@@ -18,6 +20,8 @@ use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 
 const IDLE_RESYNC_SECONDS: u64 = 30;
+/// After a restart, long enough for the operator's periodic heap trim (30 s) to run.
+const RESTART_SETTLE_SECONDS: u64 = 40;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -31,7 +35,7 @@ async fn main() -> Result<()> {
 
     let mut ns = TestNamespace::new("scale-bench").await?;
     eprintln!(
-        "[1/5] applying {count} ModelDeployments to namespace {}",
+        "[1/6] applying {count} ModelDeployments to namespace {}",
         ns.name
     );
     let api: Api<ModelDeployment> = ns.api();
@@ -71,7 +75,7 @@ spec:
 
     let port = free_port();
     eprintln!(
-        "[2/5] starting {bin} (metrics on 127.0.0.1:{port}, idle resync {IDLE_RESYNC_SECONDS}s)"
+        "[2/6] starting {bin} (metrics on 127.0.0.1:{port}, idle resync {IDLE_RESYNC_SECONDS}s)"
     );
     ns.start_operator(&[
         "--metrics-addr",
@@ -107,18 +111,54 @@ spec:
     let first_pass = started.elapsed();
     eprintln!("\n      all reconciled in {:.1}s", first_pass.as_secs_f64());
 
-    eprintln!("[3/5] letting the first pass settle (requeues of unsettled objects)");
+    eprintln!("[3/6] letting the first pass settle (requeues of unsettled objects)");
     tokio::time::sleep(Duration::from_secs(12)).await;
     let before = scrape(port).await?;
     eprintln!(
-        "[4/5] idle: waiting {}s for one full idle resync",
+        "[4/6] idle: waiting {}s for one full idle resync",
         IDLE_RESYNC_SECONDS + 15
     );
     tokio::time::sleep(Duration::from_secs(IDLE_RESYNC_SECONDS + 15)).await;
     let after = scrape(port).await?;
-    let rss_kib = rss_kib(&ns)?;
+    let settled_rss_kib = rss_kib(&ns)?;
 
-    eprintln!("[5/5] results");
+    eprintln!(
+        "[5/6] restart: a new operator process over the {count} existing ModelDeployments and their objects"
+    );
+    ns.stop_operator().await?;
+    let restart_port = free_port();
+    ns.start_operator(&[
+        "--metrics-addr",
+        &format!("127.0.0.1:{restart_port}"),
+        "--idle-resync-seconds",
+        &IDLE_RESYNC_SECONDS.to_string(),
+        "--log-level",
+        "warn",
+    ])?;
+    let restarted = Instant::now();
+    wait_for(
+        "the restarted operator to reconcile every ModelDeployment",
+        Duration::from_secs(600),
+        || async {
+            let done = match scrape(restart_port).await {
+                Ok(m) => m.get(r#"kestrel_operator_reconciles_total{result="ok"}"#),
+                Err(_) => 0.0,
+            };
+            eprint!("\r      {done:.0}/{count} reconciled");
+            Ok(done >= count as f64)
+        },
+    )
+    .await?;
+    let restart_pass = restarted.elapsed();
+    eprintln!(
+        "\n      all reconciled in {:.1}s; settling {RESTART_SETTLE_SECONDS}s",
+        restart_pass.as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(RESTART_SETTLE_SECONDS)).await;
+    let restart = scrape(restart_port).await?;
+    let restart_rss_mib = rss_kib(&ns)? as f64 / 1024.0;
+
+    eprintln!("[6/6] results");
     let reconciles = |m: &Scrape| m.get(r#"kestrel_operator_reconciles_total{result="ok"}"#);
     let writes = |m: &Scrape| m.sum_prefix("kestrel_operator_write_calls_total");
     let idle_reconciles = reconciles(&after) - reconciles(&before);
@@ -126,7 +166,7 @@ spec:
     let (p50, p99) = (after.quantile(0.50), after.quantile(0.99));
     let idle = after.minus(&before);
     let (idle_p50, idle_p99) = (idle.quantile(0.50), idle.quantile(0.99));
-    let rss_mib = rss_kib as f64 / 1024.0;
+    let rss_mib = settled_rss_kib as f64 / 1024.0;
     println!("\nscale-bench: {count} ModelDeployments, operator {bin}");
     println!("| figure | measured | target | measured/target |");
     println!("|---|---|---|---|");
@@ -161,6 +201,19 @@ spec:
         first_pass.as_secs_f64()
     );
     println!("| write calls in total | {:.0} | - | - |", writes(&after));
+    println!(
+        "| operator RSS after a restart over the existing objects | {restart_rss_mib:.1} MiB | ≤ 30 MiB | {:.2} |",
+        restart_rss_mib / 30.0
+    );
+    println!(
+        "| restart: all {count} reconciled | {:.1} s | - | - |",
+        restart_pass.as_secs_f64()
+    );
+    println!(
+        "| write calls of the restarted operator | {:.0} | 0 | - |",
+        // + 0.0: an empty sum is -0.0, printed "-0".
+        writes(&restart) + 0.0
+    );
     if idle_reconciles < count as f64 {
         bail!("the idle window saw only {idle_reconciles} reconciles: lengthen it");
     }

@@ -59,14 +59,10 @@ pub struct Shared {
     pub signals: Arc<dyn MetricsSource>,
 }
 
-/// One watched scope's reconcile context: the shared parts, the caches of owned objects
-/// and the per-object failure counts for backoff.
+/// One watched scope's reconcile context: the shared parts (reached through `Deref`),
+/// the caches of owned objects and the per-object failure counts for backoff.
 pub struct Context {
-    pub client: Client,
-    pub events: Arc<Publisher>,
-    pub metrics: Metrics,
-    pub config: Config,
-    pub signals: Arc<dyn MetricsSource>,
+    shared: Shared,
     pub caches: Caches,
     failures: Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
 }
@@ -74,14 +70,18 @@ pub struct Context {
 impl Context {
     pub fn new(shared: Shared, caches: Caches) -> Self {
         Self {
-            client: shared.client,
-            events: shared.events,
-            metrics: shared.metrics,
-            config: shared.config,
-            signals: shared.signals,
+            shared,
             caches,
             failures: Mutex::default(),
         }
+    }
+}
+
+impl std::ops::Deref for Context {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
     }
 }
 

@@ -77,14 +77,7 @@ spec:
     eprintln!(
         "[2/6] starting {bin} (metrics on 127.0.0.1:{port}, idle resync {IDLE_RESYNC_SECONDS}s)"
     );
-    ns.start_operator(&[
-        "--metrics-addr",
-        &format!("127.0.0.1:{port}"),
-        "--idle-resync-seconds",
-        &IDLE_RESYNC_SECONDS.to_string(),
-        "--log-level",
-        "warn",
-    ])?;
+    start_operator(&mut ns, port)?;
     let started = Instant::now();
     wait_for(
         "every ModelDeployment to have a status",
@@ -127,14 +120,7 @@ spec:
     );
     ns.stop_operator().await?;
     let restart_port = free_port();
-    ns.start_operator(&[
-        "--metrics-addr",
-        &format!("127.0.0.1:{restart_port}"),
-        "--idle-resync-seconds",
-        &IDLE_RESYNC_SECONDS.to_string(),
-        "--log-level",
-        "warn",
-    ])?;
+    start_operator(&mut ns, restart_port)?;
     let restarted = Instant::now();
     wait_for(
         "the restarted operator to reconcile every ModelDeployment",
@@ -218,6 +204,18 @@ spec:
         bail!("the idle window saw only {idle_reconciles} reconciles: lengthen it");
     }
     Ok(())
+}
+
+/// Starts the operator with its metrics on `port` and the bench's idle resync.
+fn start_operator(ns: &mut TestNamespace, port: u16) -> Result<()> {
+    ns.start_operator(&[
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+        "--idle-resync-seconds",
+        &IDLE_RESYNC_SECONDS.to_string(),
+        "--log-level",
+        "warn",
+    ])
 }
 
 fn free_port() -> u16 {

@@ -21,6 +21,8 @@ pub struct LoadReport {
     pub skipped: u64,
     /// Latencies of the 200 answers, milliseconds, in completion order.
     pub latencies_ms: Vec<f64>,
+    /// When each of those was sent, seconds since the start (same order).
+    pub sent_at_s: Vec<f64>,
     /// (seconds since start, status or 0 for a transport error) of every failure.
     pub failures: Vec<(f64, u16, String)>,
 }
@@ -33,6 +35,21 @@ impl LoadReport {
         }
         v.sort_by(f64::total_cmp);
         v[((v.len() as f64 - 1.0) * q).round() as usize]
+    }
+
+    /// The `q` quantile of the 200 answers to requests sent in `[from_s, to_s)`.
+    pub fn quantile_ms_between(&self, q: f64, from_s: f64, to_s: f64) -> f64 {
+        let window = LoadReport {
+            latencies_ms: self
+                .sent_at_s
+                .iter()
+                .zip(&self.latencies_ms)
+                .filter(|(t, _)| (from_s..to_s).contains(*t))
+                .map(|(_, ms)| *ms)
+                .collect(),
+            ..Default::default()
+        };
+        window.quantile_ms(q)
     }
 }
 
@@ -109,6 +126,7 @@ pub async fn run(
                 Ok(resp) if resp.status().as_u16() == 200 => {
                     r.ok += 1;
                     r.latencies_ms.push(ms);
+                    r.sent_at_s.push((sent - start).as_secs_f64());
                 }
                 Ok(resp) if resp.status().as_u16() == 429 => r.rejected += 1,
                 Ok(resp) => {

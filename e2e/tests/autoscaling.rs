@@ -5,9 +5,26 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use kestrel_e2e::load::{fixed_rate, run};
+use kestrel_e2e::load::{azure_trace, run};
 use kestrel_e2e::{TestNamespace, condition, model_dir, wait_for, worker_image};
 use kube::Api;
+
+/// Seconds of the load step.
+const STEP_SECONDS: u64 = 60;
+
+/// The load step: the Azure conversation trace, time-compressed to several times what
+/// one half-core replica serves, for `STEP_SECONDS`.
+fn step_schedule() -> Vec<Duration> {
+    let csv = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/azure-llm-2023-conv.csv"
+    ))
+    .expect("the Azure conversation trace in e2e/data");
+    azure_trace(&csv, TRACE_SPEEDUP, Duration::from_secs(STEP_SECONDS)).expect("a valid trace")
+}
+
+/// Time compression of the trace: its hour in 60 s, about 320 requests/s on average.
+const TRACE_SPEEDUP: f64 = 60.0;
 
 fn prometheus_url() -> String {
     std::env::var("KESTREL_PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:9090".into())
@@ -33,7 +50,13 @@ spec:
   variants: [{{name: f32, precision: f32}}]
   slo: {{p95LatencyMs: 250, targetQueueDepthPerReplica: 2}}
   scaling: {{minReplicas: 1, maxReplicas: 3, scaleDownDelaySeconds: 30}}
-  worker: {{image: "{}", imagePullPolicy: IfNotPresent, maxQueue: 128, maxBatchSize: 16}}
+  worker:
+    image: "{}"
+    imagePullPolicy: IfNotPresent
+    maxQueue: 128
+    maxBatchSize: 16
+    # Half a core each, so that a replica adds capacity on this one-node cluster.
+    resources: {{requests: {{cpu: 250m}}, limits: {{cpu: 500m}}}}
 "#,
         model_dir().unwrap(),
         worker_image()
@@ -58,15 +81,7 @@ spec:
     let step = Instant::now();
     let load = tokio::spawn({
         let url = url.clone();
-        async move {
-            run(
-                &url,
-                &fixed_rate(600.0, Duration::from_secs(60)),
-                256,
-                "A man is eating food.",
-            )
-            .await
-        }
+        async move { run(&url, &step_schedule(), 256, "A man is eating food.").await }
     });
     wait_for("a second replica", Duration::from_secs(60), || async {
         Ok(deployments
@@ -125,6 +140,19 @@ spec:
         report.failed,
         report.quantile_ms(0.5),
         report.quantile_ms(0.95)
+    );
+    for from in (0..STEP_SECONDS).step_by(10) {
+        println!(
+            "  sent {from:>2}-{:>2} s: p95 {:.0} ms",
+            from + 10,
+            report.quantile_ms_between(0.95, from as f64, (from + 10) as f64)
+        );
+    }
+    let tail_from = (STEP_SECONDS - 20) as f64;
+    let tail_p95 = report.quantile_ms_between(0.95, tail_from, STEP_SECONDS as f64);
+    assert!(
+        tail_p95 < 250.0,
+        "p95 of the last 20 s of the load, after the scale-up, is {tail_p95:.0} ms (target 250)"
     );
     assert_eq!(
         report.failed, 0,

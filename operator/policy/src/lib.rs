@@ -68,6 +68,4 @@ pub use input::{
     BatchLatency, Budget, BudgetPolicy, DecisionInput, Fleet, InputError, ScalingLimits, Signals,
     Targets, Timestamp, Tuning, VariantCapacity, VariantReplicas, VariantSpec,
 };
-pub use memory::{
-    ArrivalStats, DemandSample, MAX_REMEMBERED, PolicyMemory, Recommendation, SwitchCandidate,
-};
+pub use memory::{DemandSample, MAX_REMEMBERED, PolicyMemory, Recommendation, SwitchCandidate};

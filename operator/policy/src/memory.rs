@@ -45,10 +45,6 @@ pub struct PolicyMemory {
     /// Observed ÷ profiled capacity (1 = as profiled), learned when the fleet is saturated.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub capacity_speed: f64,
-    /// The short-window arrival rate's running mean and variance over the scale-down
-    /// delay: how far demand swings, for the forecast's headroom.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub arrival_stats: Option<ArrivalStats>,
 }
 
 impl Default for PolicyMemory {
@@ -63,7 +59,6 @@ impl Default for PolicyMemory {
             last_switch_at: None,
             switch_candidate: None,
             capacity_speed: 1.0,
-            arrival_stats: None,
         }
     }
 }
@@ -76,10 +71,6 @@ fn is_one(x: &f64) -> bool {
     *x == 1.0
 }
 
-fn is_false(x: &bool) -> bool {
-    !*x
-}
-
 /// One past recommendation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Recommendation {
@@ -89,52 +80,6 @@ pub struct Recommendation {
     pub replicas: u32,
     /// … of this variant.
     pub variant: String,
-    /// Made for a backlog (queue depth or p95 over what the arrival rate needs): held
-    /// for the stable window only, since a drained backlog says nothing about demand.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub transient: bool,
-}
-
-/// Exponentially weighted mean and variance of the short-window arrival rate, with
-/// a time constant of the scale-down delay (two numbers, whatever the period).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ArrivalStats {
-    /// When the last sample was taken.
-    pub at: Timestamp,
-    /// Mean rate, requests/s.
-    pub mean: f64,
-    /// Variance of the rate, (requests/s)².
-    pub variance: f64,
-}
-
-impl ArrivalStats {
-    /// Folds in a sample `rate` taken at `at`; `tau_s` is the time constant.
-    pub fn from_sample(prev: Option<ArrivalStats>, at: Timestamp, rate: f64, tau_s: f64) -> Self {
-        let Some(p) = prev.filter(|p| {
-            p.mean.is_finite()
-                && p.variance.is_finite()
-                && p.variance >= 0.0
-                && at.since(p.at) >= 0.0
-        }) else {
-            return ArrivalStats {
-                at,
-                mean: rate,
-                variance: 0.0,
-            };
-        };
-        let alpha = 1.0 - (-at.since(p.at) / tau_s.max(1.0)).exp();
-        let d = rate - p.mean;
-        ArrivalStats {
-            at,
-            mean: p.mean + alpha * d,
-            variance: (1.0 - alpha) * (p.variance + alpha * d * d),
-        }
-    }
-
-    /// Mean plus `sigmas` standard deviations.
-    pub fn upper(&self, sigmas: f64) -> f64 {
-        self.mean + sigmas.max(0.0) * self.variance.max(0.0).sqrt()
-    }
 }
 
 /// Requests in the system at one decision.
@@ -160,14 +105,8 @@ pub struct SwitchCandidate {
 impl PolicyMemory {
     /// Drops what fell out of its window and caps list lengths.
     pub(crate) fn prune(&mut self, now: Timestamp, scale_down_delay_s: f64, stable_window_s: f64) {
-        self.recommendations.retain(|r| {
-            let window = if r.transient {
-                stable_window_s.min(scale_down_delay_s)
-            } else {
-                scale_down_delay_s
-            };
-            now.since(r.at) <= window && now.since(r.at) >= 0.0
-        });
+        self.recommendations
+            .retain(|r| now.since(r.at) <= scale_down_delay_s && now.since(r.at) >= 0.0);
         self.demand
             .retain(|d| now.since(d.at) <= stable_window_s && now.since(d.at) >= 0.0);
         cap(&mut self.recommendations);
@@ -182,16 +121,10 @@ impl PolicyMemory {
 }
 
 impl PolicyMemory {
-    /// Remembers a recommendation; entries of the same kind (sustained or transient)
-    /// closer than window/32 merge (keeping the higher, at the newer time), so the list
-    /// stays bounded at any evaluation period.
+    /// Remembers a recommendation; entries closer than window/32 merge (keeping the
+    /// higher, at the newer time), so the list stays bounded at any evaluation period.
     pub(crate) fn remember_recommendation(&mut self, rec: Recommendation, window_s: f64) {
-        let same_kind = self
-            .recommendations
-            .iter_mut()
-            .rev()
-            .find(|r| r.transient == rec.transient);
-        if let Some(last) = same_kind
+        if let Some(last) = self.recommendations.last_mut()
             && last.variant == rec.variant
             && rec.at.since(last.at) < window_s / 32.0
         {

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 
 use kestrel_policy::{
-    ArrivalStats, Budget, BudgetPolicy, Decision, DecisionInput, DecisionReason, Fleet,
-    PolicyMemory, Recommendation, ScalingLimits, Signals, Targets, Timestamp, Tuning,
-    VariantCapacity, VariantReplicas, VariantSpec, decide,
+    Budget, BudgetPolicy, Decision, DecisionInput, DecisionReason, Fleet, PolicyMemory,
+    Recommendation, ScalingLimits, Signals, Targets, Timestamp, Tuning, VariantCapacity,
+    VariantReplicas, VariantSpec, decide,
 };
 
 // ---------- fixture builders ----------
@@ -117,7 +117,6 @@ fn missing_stale_or_nan_signals_hold_the_fleet() {
         at: Timestamp(T0.0 - 400.0),
         replicas: 1,
         variant: "f32".into(),
-        transient: false,
     });
     for (name, input) in [
         ("none", none),
@@ -341,18 +340,8 @@ fn a_backlog_seen_in_burst_mode_is_not_held_for_the_scale_down_delay() {
     let d = decide(&burst, &mem, T0);
     assert_eq!(reps(&d, "f32"), 10, "{}", d.message);
     assert_eq!(d.recommendations.latency, 6);
-    // Only the rate's need (10/s: 1 replica) is remembered for the scale-down delay;
-    // the backlog's 10 only for a stable window.
-    let held = |transient: bool| {
-        d.memory
-            .recommendations
-            .iter()
-            .filter(|r| r.transient == transient)
-            .map(|r| r.replicas)
-            .max()
-    };
-    assert_eq!(held(false), Some(1));
-    assert_eq!(held(true), Some(10));
+    // Only the rate's need (10/s: 1 replica) is remembered for the scale-down delay.
+    assert_eq!(d.memory.recommendations.last().unwrap().replicas, 1);
     // 70 s later burst mode is over; the 300 s delay holds only the rate's need (1).
     let mut calm_input = with_signals(base(), |s| s.in_flight = 1.0);
     calm_input.fleet = fleet(&[("f32", 10, 10)]);
@@ -425,22 +414,16 @@ fn no_burst_when_the_fleet_already_covers_the_jump() {
 
 #[test]
 fn scale_down_follows_the_highest_recommendation_over_the_delay_and_the_step_limit() {
-    // t=0: 800/s (sustained demand, not a backlog) → 10 replicas. The forecast's
-    // headroom is off: this test isolates the scale-down rule.
-    let mut high = with_signals(base(), |s| {
-        s.arrival_rate = 800.0;
-        s.arrival_rate_short = Some(800.0);
-    });
-    high.tuning.headroom_sigmas = 0.0;
+    // t=0: 80 in the system → 10 replicas.
+    let high = with_signals(base(), |s| s.in_flight = 80.0);
     let d0 = decide(&high, &mem_target("f32"), T0);
     assert_eq!(reps(&d0, "f32"), 10);
     let mut mem = d0.memory;
     let mut have = 10;
     let mut seen = Vec::new();
-    // Then calm (10/s, 1 in the system → min 1) every 10 s for 400 s.
+    // Then calm (1 in the system → min 1) every 10 s for 400 s.
     for step in 1..=40 {
         let mut i = with_signals(base(), |s| s.in_flight = 1.0);
-        i.tuning.headroom_sigmas = 0.0;
         i.fleet = fleet(&[("f32", have, have)]);
         let now = T0.plus(10.0 * step as f64);
         let d = decide(&i, &mem, now);
@@ -457,137 +440,6 @@ fn scale_down_follows_the_highest_recommendation_over_the_delay_and_the_step_lim
     assert_eq!(at(330), 2, "{seen:?}");
     assert_eq!(at(340), 1, "{seen:?}");
     assert_eq!(at(400), 1, "{seen:?}");
-}
-
-#[test]
-fn a_backlog_is_held_for_a_stable_window_and_demand_for_the_scale_down_delay() {
-    // 10 Ready replicas, calm now (10/s → 1); one remembered recommendation of 10.
-    // (age s, made for a backlog?, replicas expected now)
-    let table = [
-        (30.0, true, 10),  // a backlog 30 s ago: still inside the 60 s stable window
-        (90.0, true, 5),   // a backlog 90 s ago: forgotten; halve (step limit)
-        (90.0, false, 10), // demand 90 s ago: held for the 300 s delay
-        (310.0, false, 5), // demand 310 s ago: forgotten
-    ];
-    for (age, transient, want) in table {
-        let mut i = with_signals(base(), |s| s.in_flight = 1.0);
-        i.fleet = fleet(&[("f32", 10, 10)]);
-        let mut mem = mem_target("f32");
-        mem.recommendations.push(Recommendation {
-            at: Timestamp(T0.0 - age),
-            replicas: 10,
-            variant: "f32".into(),
-            transient,
-        });
-        let d = decide(&i, &mem, T0);
-        assert_eq!(
-            reps(&d, "f32"),
-            want,
-            "age {age} transient {transient}: {}",
-            d.message
-        );
-    }
-}
-
-#[test]
-fn decide_remembers_queue_and_latency_needs_as_backlog_and_the_rate_as_demand() {
-    // (what drives the step, queue rec, latency rec, expected sustained, expected transient)
-    let table = [
-        ("queue depth", 80.0, Some(50.0), 10.0, 1, Some(10)),
-        ("p95 over target", 1.0, Some(400.0), 10.0, 1, Some(6)),
-        ("arrival rate", 1.0, Some(50.0), 800.0, 10, None),
-        ("calm", 1.0, Some(50.0), 10.0, 1, None),
-    ];
-    for (name, in_flight, p95, rate, sustained, transient) in table {
-        let i = with_signals(base(), |s| {
-            s.in_flight = in_flight;
-            s.p95_ms = p95;
-            s.arrival_rate = rate;
-            s.arrival_rate_short = Some(rate);
-        });
-        let d = decide(&i, &mem_target("f32"), T0);
-        let held = |t: bool| {
-            d.memory
-                .recommendations
-                .iter()
-                .filter(|r| r.transient == t)
-                .map(|r| r.replicas)
-                .max()
-        };
-        assert_eq!(held(false), Some(sustained), "{name}: {}", d.message);
-        assert_eq!(held(true), transient, "{name}: {}", d.message);
-    }
-}
-
-// ---------- forecast headroom from the measured arrival variance ----------
-
-#[test]
-fn the_forecast_keeps_headroom_for_the_swings_the_rate_has_shown() {
-    // 30 decisions 10 s apart; the last short-window rate is 10/s every time, so
-    // without headroom the rate alone needs 1 replica (80/s usable each).
-    // (name, short-window rates before the last, headroom sigmas, expected rate rec range)
-    let smooth = vec![10.0; 29];
-    let bursty: Vec<f64> = (0..29)
-        .map(|k| if k % 2 == 0 { 10.0 } else { 150.0 })
-        .collect();
-    let table = [
-        ("smooth, default headroom", smooth.clone(), 2.33, 1..=1),
-        ("bursty, no headroom", bursty.clone(), 0.0, 1..=1),
-        ("bursty, default headroom", bursty.clone(), 2.33, 3..=4),
-        ("bursty, 4 sigmas", bursty, 4.0, 4..=5),
-    ];
-    for (name, rates, sigmas, want) in table {
-        let mut mem = mem_target("f32");
-        let mut last = None;
-        for (k, r) in rates.iter().chain([10.0].iter()).enumerate() {
-            let mut i = with_signals(base(), |s| {
-                s.arrival_rate = 10.0;
-                s.arrival_rate_short = Some(*r);
-            });
-            i.tuning.headroom_sigmas = sigmas;
-            let d = decide(&i, &mem, T0.plus(10.0 * k as f64));
-            mem = d.memory.clone();
-            last = Some(d);
-        }
-        let d = last.unwrap();
-        assert!(
-            want.contains(&d.recommendations.arrival_rate),
-            "{name}: rate rec {} ({})",
-            d.recommendations.arrival_rate,
-            d.message
-        );
-        let stats = d.memory.arrival_stats.unwrap();
-        assert!(stats.mean > 0.0 && stats.variance >= 0.0, "{name}");
-    }
-}
-
-#[test]
-fn arrival_stats_restart_on_bad_memory_and_decay_with_the_delay() {
-    // (previous stats, new sample, expected mean, expected variance)
-    let at = |t: f64| Timestamp(t);
-    let prev = |mean: f64, variance: f64| {
-        Some(ArrivalStats {
-            at: at(0.0),
-            mean,
-            variance,
-        })
-    };
-    let table = [
-        ("fresh", None, 50.0, 50.0, 0.0),
-        ("nan memory", prev(f64::NAN, 1.0), 50.0, 50.0, 0.0),
-        ("same rate", prev(50.0, 0.0), 50.0, 50.0, 0.0),
-    ];
-    for (name, p, rate, mean, var) in table {
-        let s = ArrivalStats::from_sample(p, at(10.0), rate, 300.0);
-        assert!((s.mean - mean).abs() < 1e-9, "{name}: {s:?}");
-        assert!((s.variance - var).abs() < 1e-9, "{name}: {s:?}");
-    }
-    // A jump moves the mean by 1 − e^(−10/300) of the way and adds variance.
-    let s = ArrivalStats::from_sample(prev(0.0, 0.0), at(10.0), 300.0, 300.0);
-    let alpha = 1.0 - (-10.0f64 / 300.0).exp();
-    assert!((s.mean - 300.0 * alpha).abs() < 1e-9, "{s:?}");
-    assert!(s.variance > 0.0 && s.upper(2.33) > s.mean);
-    assert_eq!(s.upper(0.0), s.mean);
 }
 
 #[test]

@@ -102,10 +102,6 @@ struct Args {
     /// Most quality loss (1 − min cosine) a variant may have.
     #[arg(long)]
     max_quality_loss: Option<f64>,
-    /// Kestrel's forecast headroom: standard deviations of the short-window arrival
-    /// rate over the scale-down delay (`Tuning::headroom_sigmas`; 0 = none).
-    #[arg(long, default_value_t = Tuning::default().headroom_sigmas)]
-    headroom_sigmas: f64,
     /// Seconds from a replica's creation to Ready (scheduling, start, model load, warm-up).
     #[arg(long, default_value_t = 20.0)]
     cold_start_s: f64,
@@ -358,12 +354,9 @@ fn run_policy(name: &str, arrivals: &[f64], s: &Setup) -> Result<(RunResult, Vec
                     BudgetChoice::HoldSlo => BudgetPolicy::HoldSlo,
                 },
             },
-            tuning: Tuning {
-                headroom_sigmas: a.headroom_sigmas,
-                ..Tuning::default()
-            },
+            tuning: Tuning::default(),
             lag_s: lag,
-            start_variant: kestrel_start(s),
+            start_variant: s.anchor,
             limits: s.limits,
             memory: PolicyMemory::default(),
             reasons: BTreeMap::new(),
@@ -414,18 +407,6 @@ fn run_policy(name: &str, arrivals: &[f64], s: &Setup) -> Result<(RunResult, Vec
     let result = model::run(arrivals, &s.model, policy.as_mut());
     let log = policy.explain();
     Ok((result, log))
-}
-
-/// The variant Kestrel starts on: where the operator's first decision puts a new
-/// ModelDeployment, the cheapest allowed variant (the anchors' variant on a tie).
-fn kestrel_start(s: &Setup) -> usize {
-    let price = |i: usize| s.model.variants[i].price_per_hour;
-    (0..s.model.variants.len())
-        .filter(|&i| s.allowed[i])
-        .fold(
-            s.anchor,
-            |best, i| if price(i) < price(best) { i } else { best },
-        )
 }
 
 fn report(name: &str, r: &RunResult) -> PolicyReport {

@@ -227,6 +227,28 @@ impl TestNamespace {
         Ok(())
     }
 
+    /// Sends SIGTERM to the operator this namespace started and waits up to `within`
+    /// for it to exit; returns its exit status.
+    pub async fn terminate_operator(
+        &mut self,
+        within: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let child = self
+            .operator
+            .as_mut()
+            .context("the operator is not running")?;
+        let pid = child.id().context("the operator has already exited")?;
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
+        let status = tokio::time::timeout(within, child.wait())
+            .await
+            .with_context(|| format!("the operator did not exit within {within:?} of SIGTERM"))??;
+        self.operator = None;
+        Ok(status)
+    }
+
     /// PID of the operator this namespace started.
     pub fn operator_pid(&self) -> Option<u32> {
         self.operator.as_ref()?.id()

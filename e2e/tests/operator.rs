@@ -505,3 +505,65 @@ async fn a_precision_the_task_cannot_serve_is_reported_in_status_not_retried_hot
     let events = ns.events().await.unwrap();
     assert!(events.contains("Warning minilm InvalidSpec"), "{events}");
 }
+
+/// Found in the field: with ModelDeployments and their objects already present when the
+/// operator starts, reconciles that waited for the caches' first list were never woken
+/// (one of two stayed unreconciled), and the stuck reconcile kept SIGTERM from stopping
+/// the operator.
+#[tokio::test]
+async fn a_restarted_operator_reconciles_every_existing_model_deployment_and_stops_on_sigterm() {
+    let mut ns = TestNamespace::new("restart").await.unwrap();
+    let names = ["a", "b", "c", "d"];
+    let apply = |max_replicas: u32| {
+        names.map(|name| {
+            md_yaml(
+                name,
+                F32,
+                &format!(
+                    "  scaling: {{enabled: false, maxReplicas: {max_replicas}}}\n  replicas: 0"
+                ),
+            )
+        })
+    };
+    for yaml in apply(4) {
+        ns.apply_yaml(&yaml).await.unwrap();
+    }
+    let mds: Api<ModelDeployment> = ns.api();
+    let all_at = |generation: i64| {
+        let mds = mds.clone();
+        move || {
+            let mds = mds.clone();
+            async move {
+                Ok(mds
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .iter()
+                    .all(|md| {
+                        md.status.as_ref().and_then(|s| s.observed_generation) == Some(generation)
+                    }))
+            }
+        }
+    };
+    for (round, generation) in [(1, 1), (2, 2)] {
+        if round == 2 {
+            // Changed while no operator runs: the next one finds them and their objects.
+            for yaml in apply(5) {
+                ns.apply_yaml(&yaml).await.unwrap();
+            }
+        }
+        ns.start_operator(&[]).unwrap();
+        wait_for(
+            "every ModelDeployment reconciled",
+            MINUTE,
+            all_at(generation),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("round {round}: {e:#}\n{}", ns.operator_log()));
+        let status = ns
+            .terminate_operator(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e:#}\n{}", ns.operator_log()));
+        assert!(status.success(), "round {round}: exit status {status}");
+    }
+}

@@ -24,7 +24,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::Deserialize;
 use tokio::task::JoinSet;
-use tracing::{debug, info};
+use tracing::{info, warn};
 
 use crate::build::APPLIED_HASH;
 
@@ -104,7 +104,8 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// Waits until every cache holds its first complete list.
+    /// Waits until every cache holds its first complete list. Await it from one task
+    /// only: kube's readiness future wakes only the most recent of several waiters.
     pub async fn ready(&self) {
         // A dropped writer means the scope is shutting down; reconcile then reads empty
         // caches, but the controller is stopping too and applies nothing more.
@@ -286,7 +287,7 @@ async fn forward<K>(
                     return;
                 }
             }
-            Err(e) => debug!(kind, error = %e, "watch error; retrying with backoff"),
+            Err(e) => warn!(kind, error = %e, "watch failed; retrying with backoff"),
         }
         if !listed {
             listed = true;

@@ -180,9 +180,6 @@ async fn pipeline(
         }
     };
 
-    // Before the caches hold their first list, an owned object would look missing and be
-    // "created" again.
-    ctx.caches.ready().await;
     let mut observed = observe::owned_objects(now.0.as_second(), &ctx.caches, &namespace, &name);
     if valid.scaling.enabled {
         let query = SignalsQuery {
@@ -319,6 +316,12 @@ pub async fn run(
 ) {
     let client = shared.client.clone();
     let (caches, owned_changed, _watches) = cache::start(&client, namespace.as_deref());
+    // Reconciles start once the caches hold their first list: before that, an owned
+    // object would look missing and be "created" again. Waited for here, once: kube's
+    // readiness future wakes only its most recent waiter, and reconciles that each waited
+    // for it were never woken (one of two ModelDeployments stayed unreconciled).
+    info!(namespace = ?namespace, "listing owned objects");
+    caches.ready().await;
     let ctx = Arc::new(Context::new(shared, caches));
     let api: Api<ModelDeployment> = match &namespace {
         Some(ns) => Api::namespaced(client, ns),

@@ -144,7 +144,8 @@ impl Caches {
     }
 }
 
-fn belongs_to(meta: &ObjectMeta, namespace: &str, name: &str) -> bool {
+/// Whether an object carries the label of ModelDeployment `namespace/name`.
+pub fn belongs_to(meta: &ObjectMeta, namespace: &str, name: &str) -> bool {
     meta.namespace.as_deref() == Some(namespace)
         && meta
             .labels

@@ -183,8 +183,9 @@ impl Publisher {
         }
     }
 
-    /// Events remembered for series (for the operator's own metrics and tests).
-    pub fn remembered(&self) -> usize {
+    /// Events remembered for series.
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
         self.published.lock().expect("not poisoned").entries.len()
     }
 }

@@ -8,7 +8,7 @@ use kestrel_crds::contract::pod_labels;
 use kube::ResourceExt;
 
 use crate::build::APPLIED_HASH;
-use crate::cache::{CachedDeployment, CachedPod, Caches};
+use crate::cache::{CachedDeployment, CachedPod, Caches, belongs_to};
 use crate::signals::SignalsReading;
 
 /// Everything reconcile knows about the world for one ModelDeployment.
@@ -225,13 +225,6 @@ pub fn deployment_state(d: &CachedDeployment) -> DeploymentState {
 /// Reads what the operator owns for one ModelDeployment from its caches. Pure over the
 /// caches' contents (`now` in Unix seconds).
 pub fn owned_objects(now: i64, caches: &Caches, namespace: &str, name: &str) -> Observed {
-    let ours = |meta: &ObjectMeta| {
-        meta.labels
-            .as_ref()
-            .and_then(|l| l.get(pod_labels::MODEL_DEPLOYMENT))
-            .map(String::as_str)
-            == Some(name)
-    };
     let object_state = |meta: ObjectMeta| ObjectState {
         applied_hash: meta
             .annotations
@@ -259,11 +252,11 @@ pub fn owned_objects(now: i64, caches: &Caches, namespace: &str, name: &str) -> 
         // Only objects that carry our label are ours; a same-named foreign object is left alone.
         service: caches
             .service(namespace, name)
-            .filter(|m| ours(m))
+            .filter(|m| belongs_to(m, namespace, name))
             .map(object_state),
         pdb: caches
             .pdb(namespace, name)
-            .filter(|m| ours(m))
+            .filter(|m| belongs_to(m, namespace, name))
             .map(object_state),
         pod_problems,
         signals: None,

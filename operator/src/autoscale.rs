@@ -4,8 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use kestrel_crds::v1alpha1::ConflictPolicy;
-use kestrel_policy::profile::{ProfileVariant, WorkerProfile};
+use kestrel_policy::profile::{ProfileMachine, ProfileVariant, WorkerProfile};
 use kestrel_policy::{
     Budget, BudgetPolicy, DecisionInput, DecisionReason, Fleet, PolicyMemory, ScalingLimits,
     Signals, Targets, Timestamp, Tuning, VariantReplicas, VariantSpec,
@@ -34,7 +35,7 @@ impl Profiles {
 
     /// The measured variant closest to `v`: same precision on the same kind of device,
     /// else the same precision anywhere, else the first one measured.
-    fn for_variant(&self, v: &ValidVariant) -> Option<&ProfileVariant> {
+    fn for_variant(&self, v: &ValidVariant) -> Option<(&ProfileMachine, &ProfileVariant)> {
         let precision = v.precision.as_str();
         let same_precision = |p: &&ProfileVariant| {
             p.precision == precision
@@ -42,13 +43,43 @@ impl Profiles {
                 || (precision == "q8_0" && p.precision == "int8")
         };
         let on_gpu = v.accelerator.is_gpu();
-        let all = || self.0.iter().flat_map(|p| p.variants.iter());
+        let all = || {
+            self.0
+                .iter()
+                .flat_map(|p| p.variants.iter().map(move |v| (&p.machine, v)))
+        };
         all()
-            .filter(same_precision)
-            .find(|p| p.device.starts_with("cuda") == on_gpu)
-            .or_else(|| all().find(same_precision))
+            .filter(|(_, p)| same_precision(p))
+            .find(|(_, p)| p.device.starts_with("cuda") == on_gpu)
+            .or_else(|| all().find(|(_, p)| same_precision(p)))
             .or_else(|| all().next())
     }
+}
+
+/// The share of a CPU profile's speed that one replica gets: its CPU limit over the
+/// threads the profile was measured with, at most 1. `None` without a CPU limit (the
+/// replica may use the whole node, as the profile did) or for a GPU profile.
+///
+/// Without it a replica limited to 0.4 core was planned as if it had the profile
+/// machine's 2 cores: the policy recommended one replica for 190 requests/s that one
+/// such replica could not serve (140/s), and scaled a loaded fleet down.
+fn cpu_share(resources: Option<&ResourceRequirements>, machine: &ProfileMachine) -> Option<f64> {
+    if machine.device != "cpu" || machine.threads == 0 {
+        return None;
+    }
+    let limit = resources?.limits.as_ref()?.get("cpu")?;
+    let cores = cpu_cores(&limit.0)?;
+    Some((cores / f64::from(machine.threads)).min(1.0))
+}
+
+/// A Kubernetes CPU quantity in cores: `400m` → 0.4, `1.5` → 1.5, `2` → 2.
+fn cpu_cores(q: &str) -> Option<f64> {
+    let q = q.trim();
+    let cores = match q.strip_suffix('m') {
+        Some(milli) => milli.parse::<f64>().ok()? / 1000.0,
+        None => q.parse::<f64>().ok()?,
+    };
+    (cores.is_finite() && cores > 0.0).then_some(cores)
 }
 
 /// Builds the policy's input. Pure.
@@ -57,9 +88,14 @@ pub fn input(md: &ValidDeployment, observed: &Observed, profiles: &Profiles) -> 
         .variants
         .iter()
         .filter_map(|v| {
-            let measured = profiles.for_variant(v)?;
+            let (machine, measured) = profiles.for_variant(v)?;
             let mut spec: VariantSpec = measured.spec(v.price_per_hour, true);
             spec.name = v.name.clone();
+            if !v.accelerator.is_gpu()
+                && let Some(share) = cpu_share(md.worker.resources.as_ref(), machine)
+            {
+                spec.capacity = spec.capacity.scaled(share);
+            }
             if let Some(q) = v.quality_loss {
                 spec.quality_loss = q;
             }
@@ -273,5 +309,77 @@ mod tests {
         let names: Vec<_> = i.variants.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, vec!["f32", "q8"]);
         assert!(i.variants.iter().all(|v| v.capacity.items_per_second > 0.0));
+    }
+
+    fn with_cpu_limit(limit: Option<&str>) -> ValidDeployment {
+        let mut m = md("minilm");
+        m.spec.worker.resources = limit.map(|l| ResourceRequirements {
+            limits: Some(BTreeMap::from([(
+                "cpu".to_owned(),
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity(l.into()),
+            )])),
+            ..Default::default()
+        });
+        validate(&m, Some("w:1"), &PriceTable::default()).unwrap()
+    }
+
+    #[test]
+    fn a_cpu_limit_below_the_profile_machine_shrinks_each_replica_capacity() {
+        let profiles = Profiles::bundled();
+        let threads = f64::from(profiles.0[0].machine.threads);
+        let full = |limit| {
+            input(&with_cpu_limit(limit), &Observed::default(), &profiles).variants[0]
+                .capacity
+                .items_per_second
+        };
+        let unlimited = full(None);
+        assert!(
+            (full(Some("400m")) - unlimited * 0.4 / threads).abs() < 1e-6,
+            "{} vs {unlimited}",
+            full(Some("400m"))
+        );
+        // More cores than the profile machine had: no faster than measured.
+        assert_eq!(full(Some("16")), unlimited);
+        assert_eq!(full(Some("not-a-quantity")), unlimited);
+    }
+
+    #[test]
+    fn a_cpu_limited_fleet_needs_more_replicas_for_the_same_rate() {
+        let rate = |n: f64| {
+            let mut o = fleet(1);
+            o.signals = Some(SignalsReading::Fresh(Observedsignals {
+                waiting: 0.0,
+                in_flight: 1.0,
+                arrival_rate: n,
+                arrival_rate_short: Some(n),
+                throughput: n,
+                p95_ms: Some(40.0),
+                scraped_workers: 1,
+                age_seconds: 3.0,
+            }));
+            o
+        };
+        let replicas = |limit, n| {
+            decide(
+                &with_cpu_limit(limit),
+                &rate(n),
+                None,
+                1_000.0,
+                &Profiles::bundled(),
+            )
+            .replicas["f32"]
+        };
+        assert_eq!(replicas(None, 150.0), 1);
+        assert!(replicas(Some("400m"), 150.0) > 1);
+    }
+
+    #[test]
+    fn cpu_quantities_parse_as_cores() {
+        for (q, want) in [("400m", Some(0.4)), ("1.5", Some(1.5)), ("2", Some(2.0))] {
+            assert_eq!(cpu_cores(q), want, "{q}");
+        }
+        for q in ["", "0", "-1", "m", "1Gi"] {
+            assert_eq!(cpu_cores(q), None, "{q}");
+        }
     }
 }

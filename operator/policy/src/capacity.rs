@@ -42,6 +42,20 @@ impl VariantCapacity {
         ])
     }
 
+    /// The same curve on a replica `factor` times as fast: service times divided by it.
+    /// The operator uses it for a CPU replica limited to a share of the cores the
+    /// profile was measured with. A non-finite or non-positive factor changes nothing.
+    pub fn scaled(mut self, factor: f64) -> Self {
+        if !(factor.is_finite() && factor > 0.0) {
+            return self;
+        }
+        for b in &mut self.batches {
+            b.latency_ms /= factor;
+        }
+        self.items_per_second *= factor;
+        self
+    }
+
     /// The largest profiled batch (1 without a curve).
     pub fn max_batch(&self) -> u32 {
         self.batches.last().map_or(1, |b| b.batch_size)
@@ -167,6 +181,18 @@ mod tests {
     #[test]
     fn best_throughput_is_the_curve_maximum() {
         assert!((curve().items_per_second - 160.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_scaled_curve_serves_proportionally_less_and_takes_longer() {
+        let c = curve().scaled(0.25);
+        assert!((c.items_per_second - 40.0).abs() < 1e-9);
+        assert!((c.batch_latency_ms(8.0) - 240.0).abs() < 1e-9);
+        // 50/s fits one full-speed replica but needs two at a quarter of the speed.
+        assert_eq!(curve().replicas_needed(50.0, 1.0, 1000.0, 1.0), 1);
+        assert_eq!(c.replicas_needed(50.0, 1.0, 1000.0, 1.0), 2);
+        assert_eq!(curve().scaled(f64::NAN), curve());
+        assert_eq!(curve().scaled(0.0), curve());
     }
 
     #[test]

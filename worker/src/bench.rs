@@ -84,6 +84,11 @@ impl WorkerProcess {
         self.child.id()
     }
 
+    /// Waits for the child to exit by itself (after a signal the caller sent).
+    pub fn wait(mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
         let status = Command::new("kill")
@@ -93,6 +98,18 @@ impl WorkerProcess {
             bail!("kill -TERM failed");
         }
         Ok(self.child.wait()?)
+    }
+}
+
+/// A worker left running by a test that failed, or that never terminated it, would
+/// outlive the test (and hold whatever it inherited, such as a lock file's descriptor).
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // After `terminate`'s wait the child is reaped and this does nothing.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

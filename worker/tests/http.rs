@@ -334,8 +334,8 @@ async fn sigterm_under_load_loses_no_admitted_request() {
         .await
         .unwrap();
     assert_eq!(ready.status.as_u16(), 503);
-    let (mut child, log) = (w.child, w.log);
-    let status = tokio::task::spawn_blocking(move || child.wait())
+    let log = w.log.clone();
+    let status = tokio::task::spawn_blocking(move || w.wait())
         .await
         .unwrap()
         .unwrap();

@@ -58,6 +58,11 @@ async fn ready(State(state): State<AppState>) -> Response {
 /// OpenMetrics when the scraper asks for it (Prometheus does), else the Prometheus
 /// text format (curl, promtool).
 async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    metrics_response(&state.metrics, &headers)
+}
+
+/// `/metrics` for any task: OpenMetrics when asked for, else Prometheus text.
+pub(crate) fn metrics_response(metrics: &Metrics, headers: &axum::http::HeaderMap) -> Response {
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -68,7 +73,7 @@ async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) 
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            state.metrics.encode(),
+            metrics.encode(),
         )
             .into_response()
     } else {
@@ -77,7 +82,7 @@ async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) 
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            state.metrics.encode_text(),
+            metrics.encode_text(),
         )
             .into_response()
     }
@@ -86,15 +91,15 @@ async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) 
 /// An OpenAI-style error: `{"error":{"message","type","param"}}` with its status.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
-    param: Option<&'static str>,
-    retry_after: Option<u64>,
+    pub(crate) status: StatusCode,
+    pub(crate) kind: &'static str,
+    pub(crate) message: String,
+    pub(crate) param: Option<&'static str>,
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl ApiError {
-    fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             kind: "invalid_request_error",

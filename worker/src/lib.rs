@@ -1,4 +1,5 @@
-//! kestrel-worker: Kestrel's bundled inference server for the embeddings task.
+//! kestrel-worker: Kestrel's bundled inference server for the embeddings task
+//! (all-MiniLM-L6-v2) and the text-generation task (Gemma 3 from GGUF, `textgen`).
 //!
 //! `engine` runs the model (candle or ONNX Runtime behind one trait), `batcher` owns
 //! the queue and forms batches, `api` is the HTTP surface, `metrics` the contract's
@@ -13,3 +14,4 @@ pub mod engine;
 pub mod metrics;
 pub mod profile;
 pub mod serve;
+pub mod textgen;

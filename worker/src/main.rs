@@ -17,7 +17,7 @@ use tracing::warn;
 #[command(
     name = "kestrel-worker",
     version,
-    about = "Kestrel's inference worker (embeddings)"
+    about = "Kestrel's inference worker (embeddings, text generation)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -34,6 +34,45 @@ enum Command {
     Bench(BenchArgs),
     /// Closed-loop HTTP load against a running worker; prints one JSON object.
     Load(LoadArgs),
+    /// Write a GGUF variant: every weight matrix re-quantized (fetch-gemma runs it).
+    Requantize(RequantizeArgs),
+    /// Text generation through HTTP per variant and concurrency, beside transformers.
+    BenchGeneration(BenchGenerationArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchGenerationArgs {
+    /// The Gemma folder (worker/scripts/fetch-gemma).
+    #[arg(long, env = "KESTREL_GEMMA_DIR")]
+    model: PathBuf,
+    #[arg(long, value_delimiter = ',', default_value = "q4_k_m,q8_0,q4_0,f16")]
+    variants: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    concurrency: Vec<usize>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Python with transformers, torch and gguf for the baseline (none: skipped).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Threads of the baseline (the worker uses every core).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+#[derive(Debug, Args)]
+struct RequantizeArgs {
+    /// The source GGUF (e.g. the shipped Q4_K_M).
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    /// q8_0, q4_0, f16 or f32.
+    #[arg(long)]
+    dtype: String,
 }
 
 #[derive(Debug, Args)]
@@ -130,9 +169,10 @@ struct ModelArgs {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Variant to serve: f32, int8 (ONNX Runtime), f16, bf16 (candle).
-    #[arg(long, env = env::VARIANT, default_value = "f32")]
-    variant: String,
+    /// Variant to serve. Embeddings: f32 (default), int8 (ONNX Runtime), f16, bf16
+    /// (candle). Text generation (a GGUF folder): q4_k_m (default), q8_0, q4_0, f16.
+    #[arg(long, env = env::VARIANT)]
+    variant: Option<String>,
     #[arg(long, env = env::PORT, default_value_t = DEFAULT_WORKER_PORT)]
     port: u16,
     /// Address to bind; the pod needs 0.0.0.0, tests use 127.0.0.1.
@@ -163,6 +203,9 @@ struct ServeArgs {
     /// Inputs longer than the model's maximum: truncate (as sentence-transformers) or refuse (400).
     #[arg(long, default_value = "truncate", value_parser = ["truncate", "refuse"])]
     long_input: String,
+    /// Text generation: prompt + generated tokens per sequence, at most.
+    #[arg(long, default_value_t = 2048)]
+    max_context: usize,
 }
 
 impl ModelArgs {
@@ -225,9 +268,58 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
+        Command::Serve(args) if kestrel_worker::textgen::is_gguf_folder(&args.model.model) => {
+            use kestrel_worker::textgen::{GenLimits, SHIPPED_VARIANT, TextServeConfig};
+            if args.model.device != "cpu" {
+                anyhow::bail!(
+                    "text generation runs on cpu only (got --device {})",
+                    args.model.device
+                );
+            }
+            let config = TextServeConfig {
+                model_dir: args.model.model.clone(),
+                variant: args.variant.unwrap_or_else(|| SHIPPED_VARIANT.to_string()),
+                addr: SocketAddr::new(args.host, args.port),
+                limits: GenLimits {
+                    max_queue: args.max_queue,
+                    max_running: args.max_batch.max(1),
+                    request_timeout: Duration::from_secs_f64(args.request_timeout_seconds),
+                },
+                max_context: args.max_context,
+                drain_delay: Duration::from_secs_f64(args.drain_delay_seconds),
+            };
+            runtime.block_on(kestrel_worker::textgen::serve(config))
+        }
+        Command::BenchGeneration(args) => {
+            use kestrel_worker::textgen::bench;
+            let config = bench::GenBenchConfig {
+                model_dir: args.model,
+                variants: args.variants,
+                concurrency: args.concurrency,
+                seconds: args.seconds,
+                max_tokens: args.max_tokens,
+                python: args.python,
+                threads: args.threads,
+            };
+            let exe = std::env::current_exe()?;
+            let points = runtime.block_on(bench::run(&config, &exe))?;
+            print!("{}", bench::table(&points));
+            Ok(())
+        }
+        Command::Requantize(args) => {
+            let dtype =
+                kestrel_worker::textgen::variants::variant_dtype(&args.dtype).ok_or_else(|| {
+                    anyhow::anyhow!("unknown --dtype {:?} (q8_0, q4_0, f16, f32)", args.dtype)
+                })?;
+            let started = std::time::Instant::now();
+            kestrel_worker::textgen::variants::requantize(&args.input, &args.output, dtype)?;
+            tracing::info!(output = %args.output.display(), seconds = started.elapsed().as_secs_f64(), "variant written");
+            Ok(())
+        }
         Command::Serve(args) => {
             let (device, load) = args.model.load_options()?;
-            let variant = args.model.variant(&args.variant, device)?;
+            let variant_name = args.variant.clone().unwrap_or_else(|| "f32".to_string());
+            let variant = args.model.variant(&variant_name, device)?;
             let config = ServeConfig {
                 model_dir: args.model.model.clone(),
                 variant,
@@ -309,6 +401,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run_profile(args: ProfileArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    if kestrel_worker::textgen::is_gguf_folder(&args.model.model) {
+        return run_generation_profile(args);
+    }
     let (device, load) = args.model.load_options()?;
     let config = ProfileConfig {
         model_dir: args.model.model.clone(),
@@ -358,6 +453,63 @@ fn run_profile(args: ProfileArgs, runtime: &tokio::runtime::Runtime) -> anyhow::
         variants.extend(doc.variants);
     }
     let doc = profile::document(&config, variants);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!("{}", profile::table(&doc));
+    }
+    Ok(())
+}
+
+/// `profile` on a GGUF folder: each variant in its own child (memory figures are its own).
+fn run_generation_profile(args: ProfileArgs) -> anyhow::Result<()> {
+    use kestrel_worker::textgen::{VARIANTS, profile as tp};
+    let dir = &args.model.model;
+    // The embeddings defaults mean "every variant" here.
+    let variants: Vec<String> = if args.variants == ["f32", "int8"] {
+        VARIANTS.iter().map(|v| v.to_string()).collect()
+    } else {
+        args.variants.clone()
+    };
+    let sizes: Vec<usize> = if args.batch_sizes == [1, 2, 4, 8, 16, 32, 64] {
+        vec![1, 4, 16]
+    } else {
+        args.batch_sizes.clone()
+    };
+    let steps = (args.seconds_per_point * 8.0).clamp(4.0, 200.0) as usize;
+    let mut out = Vec::new();
+    for name in &variants {
+        if args.in_process {
+            out.push(tp::profile_variant(dir, name, &sizes, steps)?);
+            continue;
+        }
+        let list = sizes
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .arg("profile")
+            .arg("--model")
+            .arg(dir)
+            .args(["--variants", name, "--batch-sizes", &list])
+            .args(["--seconds-per-point", &args.seconds_per_point.to_string()])
+            .args(["--json", "--in-process"])
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        if !child.status.success() {
+            anyhow::bail!("profiling variant {name} failed ({})", child.status);
+        }
+        let doc: profile::Profile = serde_json::from_slice(&child.stdout)?;
+        out.extend(doc.variants);
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let doc = tp::document(
+        profile::machine(kestrel_worker::engine::Device::Cpu, threads),
+        out,
+    );
     if args.json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {

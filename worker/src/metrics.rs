@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -42,8 +43,77 @@ pub struct ModelInfo {
     pub device: String,
 }
 
+/// The text-generation task's series (registered only when it is served).
+pub struct GenerationMetrics {
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub prompt_tokens: Counter,
+    pub generated_tokens: Counter,
+    pub running: Gauge,
+    pub waiting: Gauge,
+    pub kv_cache_usage: Gauge<f64, AtomicU64>,
+}
+
+impl GenerationMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let time_to_first_token = Histogram::new(names::DURATION_BUCKETS.iter().copied());
+        registry.register(
+            names::TIME_TO_FIRST_TOKEN,
+            "Seconds from admission to the first generated token",
+            time_to_first_token.clone(),
+        );
+        let inter_token_latency = Histogram::new(names::DURATION_BUCKETS.iter().copied());
+        registry.register(
+            names::INTER_TOKEN_LATENCY,
+            "Seconds between consecutive generated tokens of a sequence",
+            inter_token_latency.clone(),
+        );
+        let prompt_tokens = Counter::default();
+        registry.register(
+            counter_name(names::PROMPT_TOKENS_TOTAL),
+            "Prompt tokens processed",
+            prompt_tokens.clone(),
+        );
+        let generated_tokens = Counter::default();
+        registry.register(
+            counter_name(names::GENERATED_TOKENS_TOTAL),
+            "Tokens generated",
+            generated_tokens.clone(),
+        );
+        let running = Gauge::default();
+        registry.register(
+            names::RUNNING_SEQUENCES,
+            "Sequences being decoded",
+            running.clone(),
+        );
+        let waiting = Gauge::default();
+        registry.register(
+            names::WAITING_SEQUENCES,
+            "Sequences admitted and waiting for a decode slot",
+            waiting.clone(),
+        );
+        let kv_cache_usage = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            names::KV_CACHE_USAGE,
+            "Fraction of the KV-cache budget (running slots x context) in use",
+            kv_cache_usage.clone(),
+        );
+        GenerationMetrics {
+            time_to_first_token,
+            inter_token_latency,
+            prompt_tokens,
+            generated_tokens,
+            running,
+            waiting,
+            kv_cache_usage,
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Present when the worker serves text generation.
+    pub generation: Option<GenerationMetrics>,
     pub queue_depth: Gauge,
     pub in_flight: Gauge,
     pub request_duration: Histogram,
@@ -60,7 +130,17 @@ fn counter_name(contract_name: &str) -> &str {
 }
 
 impl Metrics {
+    /// The embeddings task's series.
     pub fn new(info: &ModelInfo) -> Self {
+        Self::build(info, false)
+    }
+
+    /// The text-generation task's series: the common ones plus [`GenerationMetrics`].
+    pub fn new_generation(info: &ModelInfo) -> Self {
+        Self::build(info, true)
+    }
+
+    fn build(info: &ModelInfo, generation: bool) -> Self {
         let mut registry = Registry::default();
         let queue_depth = Gauge::default();
         registry.register(
@@ -118,8 +198,10 @@ impl Metrics {
             "The served model and variant (always 1)",
             model_info,
         );
+        let generation = generation.then(|| GenerationMetrics::register(&mut registry));
         let metrics = Metrics {
             registry,
+            generation,
             queue_depth,
             in_flight,
             request_duration,
@@ -201,6 +283,56 @@ fn openmetrics_to_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Text generation adds exactly the contract's generation series.
+    #[test]
+    fn generation_exposition_adds_the_generation_names() {
+        let m = Metrics::new_generation(&ModelInfo {
+            model: "gemma-3-270m".into(),
+            variant: "q8_0".into(),
+            precision: "q8_0".into(),
+            device: "cpu".into(),
+        });
+        let g = m.generation.as_ref().expect("generation series");
+        g.time_to_first_token.observe(0.2);
+        g.kv_cache_usage.set(0.25);
+        g.generated_tokens.inc_by(5);
+        let text = m.encode_text();
+        for name in [
+            names::TIME_TO_FIRST_TOKEN,
+            names::INTER_TOKEN_LATENCY,
+            names::PROMPT_TOKENS_TOTAL,
+            names::GENERATED_TOKENS_TOTAL,
+            names::RUNNING_SEQUENCES,
+            names::WAITING_SEQUENCES,
+            names::KV_CACHE_USAGE,
+            names::QUEUE_DEPTH,
+            names::REQUEST_DURATION,
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} in\n{text}"
+            );
+        }
+        assert!(
+            text.contains(&format!("{} 0.25", names::KV_CACHE_USAGE)),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 5", names::GENERATED_TOKENS_TOTAL)),
+            "{text}"
+        );
+        assert!(
+            !Metrics::new(&ModelInfo {
+                model: "m".into(),
+                variant: "f32".into(),
+                precision: "f32".into(),
+                device: "cpu".into(),
+            })
+            .encode_text()
+            .contains(names::TIME_TO_FIRST_TOKEN)
+        );
+    }
 
     /// The exposition's series families are exactly the contract's names.
     #[test]

@@ -51,6 +51,22 @@ pub struct VariantProfile {
     pub quality: Quality,
     pub batches: Vec<BatchPoint>,
     pub concurrency: Vec<ConcurrencyPoint>,
+    /// Text generation only: prompt pass and first-token figures (`batches` are then
+    /// decode steps: sequences per step, step latency, generated tokens per second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationFigures>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GenerationFigures {
+    /// Tokens of the prompt pass per second (one 128-token prompt).
+    pub prompt_tokens_per_second: f64,
+    /// Generated tokens per second of one sequence alone (decode batch 1).
+    pub generated_tokens_per_second: f64,
+    /// Prompt pass and first token of a 32-token prompt, alone, in milliseconds.
+    pub ttft_ms: f64,
+    /// Bytes of the weights as loaded.
+    pub weight_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -298,6 +314,7 @@ pub async fn profile_variant(
         quality,
         batches,
         concurrency,
+        generation: None,
     })
 }
 
@@ -317,6 +334,31 @@ pub fn table(profile: &Profile) -> String {
     use std::fmt::Write;
     let mut out = format!("{} on {}\n", profile.model, profile.machine.description);
     for v in &profile.variants {
+        if let Some(g) = &v.generation {
+            let _ = writeln!(
+                out,
+                "\n{}: load {:.2} s, peak RSS {:.0} MiB, weights {:.0} MiB, min cosine {:.6} to {}\n  \
+                 prompt {:.1} tokens/s, generated {:.1} tokens/s alone, TTFT (32-token prompt) {:.0} ms",
+                v.variant,
+                v.load_seconds,
+                v.rss_bytes as f64 / 1048576.0,
+                g.weight_bytes as f64 / 1048576.0,
+                v.quality.min_cosine,
+                v.quality.reference,
+                g.prompt_tokens_per_second,
+                g.generated_tokens_per_second,
+                g.ttft_ms
+            );
+            let _ = writeln!(out, "  sequences/step  step_ms  tokens/s");
+            for b in &v.batches {
+                let _ = writeln!(
+                    out,
+                    "  {:>14}  {:>7.1}  {:>8.1}",
+                    b.batch_size, b.latency_ms, b.items_per_second
+                );
+            }
+            continue;
+        }
         let _ = writeln!(
             out,
             "\n{} ({}, {}): load {:.2} s, peak RSS {:.0} MiB, min cosine {:.6} (loss {:.6}), mean {:.6}",

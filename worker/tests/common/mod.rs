@@ -51,3 +51,36 @@ pub fn env() -> &'static TestEnv {
         }
     })
 }
+
+/// The Gemma-3-270M folder (GGUF variants and tokenizer.json): from `KESTREL_GEMMA_DIR`
+/// when set (CI sets it from .cache/worker.env), else from `worker/scripts/setup-dev`.
+pub fn gemma_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("KESTREL_GEMMA_DIR") {
+            return d.into();
+        }
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/setup-dev");
+        let out = Command::new(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("failed to run {}: {e}", script.display()));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{} failed (Gemma is required; see docs/worker.md):\n{}\n{}",
+            script.display(),
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("KESTREL_GEMMA_DIR="))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} printed no KESTREL_GEMMA_DIR: {stdout}",
+                    script.display()
+                )
+            })
+            .into()
+    })
+}

@@ -120,51 +120,70 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         batcher_task,
         ..
     } = load(&config).await?;
-    let listener = tokio::net::TcpListener::bind(config.addr)
-        .await
-        .with_context(|| format!("failed to bind {}", config.addr))?;
-    let addr = listener.local_addr()?;
-    info!(%addr, "listening");
-
-    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let drain = {
-        let ready = state.ready.clone();
-        let batcher = state.batcher.clone();
-        let delay = config.drain_delay;
-        tokio::spawn(async move {
-            wait_for_termination().await;
-            ready.store(false, Ordering::SeqCst);
-            info!(
-                delay_seconds = delay.as_secs_f64(),
-                "termination requested: not ready, draining"
-            );
-            tokio::time::sleep(delay).await;
-            batcher.stop_admitting();
-            info!(
-                waiting = batcher.waiting(),
-                "admission stopped; finishing admitted requests"
-            );
-            let _ = shutdown_tx.send(());
-        })
-    };
     let batcher = state.batcher.clone();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = shutdown_rx.await;
-        })
-        .await
-        .context("the HTTP server failed")?;
+    let stopping = batcher.clone();
+    let ready = state.ready.clone();
+    serve_until_drained(
+        config.addr,
+        router(state),
+        ready,
+        config.drain_delay,
+        move || {
+            stopping.stop_admitting();
+            stopping.waiting()
+        },
+    )
+    .await?;
     // The router (and its batcher handles) is gone: the batcher ends once its queue is empty.
     let admitted = batcher.admitted_total();
     drop(batcher);
     batcher_task.await.context("the batcher task panicked")?;
-    drain.abort();
     // Every admitted request has been answered (or its client left): tests read this.
     info!(admitted, "drained; exiting");
     Ok(())
 }
 
-pub(crate) async fn wait_for_termination() {
+/// Serves `app` on `addr` until SIGTERM or SIGINT, then drains in the order the module
+/// doc gives: `ready` turns false, admission goes on for `drain_delay`, then
+/// `stop_admitting` (which returns the requests still waiting) closes admission and the
+/// server returns once every open request is answered. Shared by both tasks.
+pub(crate) async fn serve_until_drained(
+    addr: SocketAddr,
+    app: axum::Router,
+    ready: Arc<AtomicBool>,
+    drain_delay: Duration,
+    stop_admitting: impl FnOnce() -> usize + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("failed to bind {addr}"))?;
+    let addr = listener.local_addr()?;
+    info!(%addr, "listening");
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain = tokio::spawn(async move {
+        wait_for_termination().await;
+        ready.store(false, Ordering::SeqCst);
+        info!(
+            delay_seconds = drain_delay.as_secs_f64(),
+            "termination requested: not ready, draining"
+        );
+        tokio::time::sleep(drain_delay).await;
+        let waiting = stop_admitting();
+        info!(waiting, "admission stopped; finishing admitted requests");
+        let _ = shutdown_tx.send(());
+    });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = shutdown_rx.await;
+        })
+        .await
+        .context("the HTTP server failed");
+    drain.abort();
+    served
+}
+
+async fn wait_for_termination() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("failed to install the SIGTERM handler");
     tokio::select! {

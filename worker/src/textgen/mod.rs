@@ -17,7 +17,7 @@ pub mod variants;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -129,46 +129,26 @@ pub async fn load(config: &TextServeConfig) -> anyhow::Result<LoadedText> {
 /// Serves until SIGTERM, then drains as the embeddings task does (see `serve`).
 pub async fn serve(config: TextServeConfig) -> anyhow::Result<()> {
     let LoadedText { state, engine, .. } = load(&config).await?;
-    let listener = tokio::net::TcpListener::bind(config.addr)
-        .await
-        .with_context(|| format!("failed to bind {}", config.addr))?;
-    let addr = listener.local_addr()?;
-    info!(%addr, "listening");
-    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let drain = {
-        let ready = state.ready.clone();
-        let generator = state.generator.clone();
-        let delay = config.drain_delay;
-        tokio::spawn(async move {
-            crate::serve::wait_for_termination().await;
-            ready.store(false, Ordering::SeqCst);
-            info!(
-                delay_seconds = delay.as_secs_f64(),
-                "termination requested: not ready, draining"
-            );
-            tokio::time::sleep(delay).await;
-            generator.stop_admitting();
-            info!(
-                waiting = generator.waiting(),
-                "admission stopped; finishing admitted requests"
-            );
-            let _ = shutdown_tx.send(());
-        })
-    };
     let generator = state.generator.clone();
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(async {
-            let _ = shutdown_rx.await;
-        })
-        .await
-        .context("the HTTP server failed")?;
+    let stopping = generator.clone();
+    let ready = state.ready.clone();
+    crate::serve::serve_until_drained(
+        config.addr,
+        api::router(state),
+        ready,
+        config.drain_delay,
+        move || {
+            stopping.stop_admitting();
+            stopping.waiting()
+        },
+    )
+    .await?;
     let admitted = generator.admitted_total();
     drop(generator);
     tokio::task::spawn_blocking(move || engine.join())
         .await
         .context("failed to wait for the engine")?
         .map_err(|_| anyhow::anyhow!("the generation engine panicked"))?;
-    drain.abort();
     info!(admitted, "drained; exiting");
     Ok(())
 }

@@ -26,28 +26,9 @@ pub fn env() -> &'static TestEnv {
                 ort_library: l.into(),
             };
         }
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/setup-dev");
-        let out = Command::new(&script)
-            .output()
-            .unwrap_or_else(|e| panic!("failed to run {}: {e}", script.display()));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{} failed (the model is required; see docs/worker.md):\n{}\n{}",
-            script.display(),
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let get = |key: &str| -> PathBuf {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .unwrap_or_else(|| panic!("{} printed no {key}: {stdout}", script.display()))
-                .into()
-        };
         TestEnv {
-            model_dir: get("KESTREL_MODEL_DIR="),
-            ort_library: get("ORT_DYLIB_PATH="),
+            model_dir: setup_dev("KESTREL_MODEL_DIR"),
+            ort_library: setup_dev("ORT_DYLIB_PATH"),
         }
     })
 }
@@ -56,31 +37,35 @@ pub fn env() -> &'static TestEnv {
 /// when set (CI sets it from .cache/worker.env), else from `worker/scripts/setup-dev`.
 pub fn gemma_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        if let Some(d) = std::env::var_os("KESTREL_GEMMA_DIR") {
-            return d.into();
-        }
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/setup-dev");
+    DIR.get_or_init(|| match std::env::var_os("KESTREL_GEMMA_DIR") {
+        Some(d) => d.into(),
+        None => setup_dev("KESTREL_GEMMA_DIR"),
+    })
+}
+
+/// The value `worker/scripts/setup-dev` prints for `key` (`KEY=value` lines). The script
+/// installs the models on first use and runs at most once per test binary.
+fn setup_dev(key: &str) -> PathBuf {
+    static OUT: OnceLock<String> = OnceLock::new();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/setup-dev");
+    let stdout = OUT.get_or_init(|| {
         let out = Command::new(&script)
             .output()
             .unwrap_or_else(|e| panic!("failed to run {}: {e}", script.display()));
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
-            "{} failed (Gemma is required; see docs/worker.md):\n{}\n{}",
+            "{} failed (the models are required; see docs/worker.md):\n{}\n{}",
             script.display(),
             stdout,
             String::from_utf8_lossy(&out.stderr)
         );
         stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("KESTREL_GEMMA_DIR="))
-            .unwrap_or_else(|| {
-                panic!(
-                    "{} printed no KESTREL_GEMMA_DIR: {stdout}",
-                    script.display()
-                )
-            })
-            .into()
-    })
+    });
+    let prefix = format!("{key}=");
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("{} printed no {key}: {stdout}", script.display()))
+        .into()
 }

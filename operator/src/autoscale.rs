@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use kestrel_crds::v1alpha1::ConflictPolicy;
-use kestrel_policy::profile::{ProfileMachine, ProfileVariant, WorkerProfile};
+use kestrel_crds::v1alpha1::{ConflictPolicy, LatencyMetric, Task};
+use kestrel_policy::profile::{GenerationShape, ProfileMachine, ProfileVariant, WorkerProfile};
 use kestrel_policy::{
     Budget, BudgetPolicy, DecisionInput, DecisionReason, Fleet, PolicyMemory, ScalingLimits,
     Signals, Targets, Timestamp, Tuning, VariantReplicas, VariantSpec,
@@ -15,27 +15,44 @@ use kestrel_policy::{
 use crate::decide::{Plan, unschedulable};
 use crate::observe::Observed;
 use crate::signals::SignalsReading;
-use crate::validate::{ValidDeployment, ValidVariant};
+use crate::validate::{ValidDeployment, ValidVariant, task_str};
 
 /// Largest share of replicas removed in one scale-down step.
 const MAX_SCALE_DOWN_FRACTION: f64 = 0.5;
+
+/// Generated tokens per text-generation request until Prometheus has measured them:
+/// the worker's `max_tokens` default, as OpenAI's.
+const DEFAULT_GENERATED_TOKENS: f64 = 16.0;
 
 /// Capacity data: the worker profiles the operator was given (`--profiles`).
 #[derive(Clone, Debug, Default)]
 pub struct Profiles(pub Vec<WorkerProfile>);
 
 impl Profiles {
-    /// The profile bundled with the operator (measured with `kestrel-worker profile`).
+    /// The profiles bundled with the operator (measured with `kestrel-worker profile`):
+    /// MiniLM embeddings and Gemma-3-270M text generation on a 2-core Xeon.
     pub fn bundled() -> Self {
-        let text = include_str!("../../worker/profiles/cpu-2core-xeon.json");
-        Self(vec![
-            WorkerProfile::from_json(text).expect("the bundled profile parses"),
-        ])
+        let texts = [
+            include_str!("../../worker/profiles/cpu-2core-xeon.json"),
+            include_str!("../../worker/profiles/gemma-cpu-2core-xeon.json"),
+        ];
+        Self(
+            texts
+                .iter()
+                .map(|t| WorkerProfile::from_json(t).expect("a bundled profile parses"))
+                .collect(),
+        )
     }
 
-    /// The measured variant closest to `v`: same precision on the same kind of device,
+    /// The measured variant closest to `v` among the profiles of `task` (among all
+    /// profiles when none is of that task): same precision on the same kind of device,
     /// else the same precision anywhere, else the first one measured.
-    fn for_variant(&self, v: &ValidVariant) -> Option<(&ProfileMachine, &ProfileVariant)> {
+    fn for_variant(
+        &self,
+        task: Task,
+        v: &ValidVariant,
+    ) -> Option<(&ProfileMachine, &ProfileVariant)> {
+        let task = task_str(task);
         let precision = v.precision.as_str();
         let same_precision = |p: &&ProfileVariant| {
             p.precision == precision
@@ -43,9 +60,11 @@ impl Profiles {
                 || (precision == "q8_0" && p.precision == "int8")
         };
         let on_gpu = v.accelerator.is_gpu();
+        let any_of_task = self.0.iter().any(|p| p.task == task);
         let all = || {
             self.0
                 .iter()
+                .filter(move |p| !any_of_task || p.task == task)
                 .flat_map(|p| p.variants.iter().map(move |v| (&p.machine, v)))
         };
         all()
@@ -54,6 +73,26 @@ impl Profiles {
             .or_else(|| all().find(|(_, p)| same_precision(p)))
             .or_else(|| all().next())
     }
+}
+
+/// What the fleet's text-generation requests look like: tokens per request as
+/// Prometheus measured them, the defaults until it has. `None` for other tasks.
+fn generation_shape(md: &ValidDeployment, observed: &Observed) -> Option<GenerationShape> {
+    if md.task != Task::TextGeneration {
+        return None;
+    }
+    let fresh = match &observed.signals {
+        Some(SignalsReading::Fresh(s)) => Some(s),
+        _ => None,
+    };
+    Some(GenerationShape {
+        prompt_tokens: fresh.and_then(|s| s.prompt_tokens_per_request),
+        generated_tokens: fresh
+            .and_then(|s| s.generated_tokens_per_request)
+            .filter(|t| *t >= 1.0)
+            .unwrap_or(DEFAULT_GENERATED_TOKENS),
+        first_token_slo: md.slo.latency_metric == LatencyMetric::TimeToFirstToken,
+    })
 }
 
 /// The share of a CPU profile's speed that one replica gets: its CPU limit over the
@@ -84,13 +123,18 @@ fn cpu_cores(q: &str) -> Option<f64> {
 
 /// Builds the policy's input. Pure.
 pub fn input(md: &ValidDeployment, observed: &Observed, profiles: &Profiles) -> DecisionInput {
+    let shape = generation_shape(md, observed);
     let variants = md
         .variants
         .iter()
         .filter_map(|v| {
-            let (machine, measured) = profiles.for_variant(v)?;
+            let (machine, measured) = profiles.for_variant(md.task, v)?;
             let mut spec: VariantSpec = measured.spec(v.price_per_hour, true);
             spec.name = v.name.clone();
+            // Text generation: the decode-step curve becomes one of whole requests.
+            if let Some(capacity) = shape.as_ref().and_then(|s| measured.request_capacity(s)) {
+                spec.capacity = capacity;
+            }
             if !v.accelerator.is_gpu()
                 && let Some(share) = cpu_share(md.worker.resources.as_ref(), machine)
             {
@@ -252,6 +296,8 @@ mod tests {
             arrival_rate_short: Some(10.0),
             throughput: 10.0,
             p95_ms: Some(150.0),
+            prompt_tokens_per_request: None,
+            generated_tokens_per_request: None,
             scraped_workers: 1,
             age_seconds: 3.0,
         })
@@ -354,6 +400,8 @@ mod tests {
                 arrival_rate_short: Some(n),
                 throughput: n,
                 p95_ms: Some(40.0),
+                prompt_tokens_per_request: None,
+                generated_tokens_per_request: None,
                 scraped_workers: 1,
                 age_seconds: 3.0,
             }));
@@ -381,5 +429,95 @@ mod tests {
         for q in ["", "0", "-1", "m", "1Gi"] {
             assert_eq!(cpu_cores(q), None, "{q}");
         }
+    }
+
+    /// A Gemma ModelDeployment: one q8_0 CPU variant, p95 time to first token ≤ 1 s.
+    fn gemma() -> ValidDeployment {
+        let mut m = md("gemma");
+        m.spec.model.task = Task::TextGeneration;
+        m.spec.variants = vec![variant("q8", Precision::Q8_0)];
+        m.spec.slo.latency_metric = LatencyMetric::TimeToFirstToken;
+        m.spec.slo.p95_latency_ms = 1000;
+        validate(&m, Some("w:1"), &PriceTable::default()).unwrap()
+    }
+
+    fn chatting(rate: f64, generated_tokens: Option<f64>) -> Observed {
+        let mut o = fleet(1);
+        o.deployments = o
+            .deployments
+            .into_values()
+            .map(|d| ("q8".to_owned(), d))
+            .collect();
+        o.signals = Some(SignalsReading::Fresh(Observedsignals {
+            waiting: 0.0,
+            in_flight: 1.0,
+            arrival_rate: rate,
+            arrival_rate_short: Some(rate),
+            throughput: rate,
+            p95_ms: Some(400.0),
+            prompt_tokens_per_request: Some(32.0),
+            generated_tokens_per_request: generated_tokens,
+            scraped_workers: 1,
+            age_seconds: 3.0,
+        }));
+        o
+    }
+
+    #[test]
+    fn text_generation_plans_with_the_text_generation_profile_in_requests() {
+        let profiles = Profiles::bundled();
+        let gemma_q8 = profiles.0[1].variant("q8_0").unwrap();
+        let step_1 = gemma_q8.batches[0].latency_ms;
+        let i = input(&gemma(), &chatting(0.5, Some(64.0)), &profiles);
+        let c = &i.variants[0].capacity;
+        // Whole requests of 64 tokens: a few per second, not MiniLM's hundreds of inputs.
+        assert!(
+            c.items_per_second > 0.3 && c.items_per_second < 5.0,
+            "{c:?}"
+        );
+        // Alone, a request is its 32-token prompt pass plus 64 steps.
+        let prefill = 32.0 * 1000.0
+            / gemma_q8
+                .generation
+                .as_ref()
+                .unwrap()
+                .prompt_tokens_per_second;
+        assert!((c.batch_latency_ms(1.0) - (prefill + 64.0 * step_1)).abs() < 1e-6);
+        // The SLO is on the first token: the idle prediction is the prompt pass and a step.
+        let idle = c.predict_p95_ms(0.0, 1.0).unwrap();
+        assert!((idle - 2.0 * (prefill + step_1)).abs() < 1e-6, "{idle}");
+    }
+
+    #[test]
+    fn longer_answers_at_the_same_request_rate_need_more_replicas() {
+        let replicas = |tokens| {
+            decide(
+                &gemma(),
+                &chatting(1.5, tokens),
+                None,
+                1_000.0,
+                &Profiles::bundled(),
+            )
+            .replicas["q8"]
+        };
+        let short = replicas(Some(16.0));
+        let long = replicas(Some(256.0));
+        assert!(
+            long > short,
+            "{short} replicas for 16 tokens, {long} for 256"
+        );
+        // Before Prometheus has measured tokens per request, the worker's default holds.
+        assert_eq!(replicas(None), short);
+    }
+
+    #[test]
+    fn an_embeddings_deployment_never_plans_with_the_text_generation_profile() {
+        let i = input(
+            &with_cpu_limit(None),
+            &Observed::default(),
+            &Profiles::bundled(),
+        );
+        let minilm = Profiles::bundled().0[0].variant("f32").unwrap().capacity();
+        assert_eq!(i.variants[0].capacity, minilm);
     }
 }

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kestrel_crds::contract::metrics as series;
-use kestrel_crds::v1alpha1::LatencyMetric;
+use kestrel_crds::v1alpha1::{LatencyMetric, Task};
 use kestrel_crds::{ModelDeployment, ModelDeploymentStatus};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -191,6 +191,7 @@ async fn pipeline(
             },
             window_seconds: ctx.config.signal_window_seconds,
             short_window_seconds: 15,
+            generation: valid.task == Task::TextGeneration,
         };
         observed.signals = Some(ctx.signals.read(&query).await);
     }

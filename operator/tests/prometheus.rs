@@ -87,6 +87,7 @@ fn query() -> SignalsQuery {
         latency_metric: series::REQUEST_DURATION,
         window_seconds: 10,
         short_window_seconds: 5,
+        generation: false,
     }
 }
 

@@ -7,6 +7,10 @@
 //! during one batch fills the next). A request then waits at most one batch and runs
 //! in the next, so the p95 is taken as `2 · L(b)`. Past the largest batch's
 //! throughput the queue grows without bound: no prediction (`None`).
+//!
+//! For text generation scaled on time to first token the same fixed point sizes the
+//! running batch, and the p95 is taken as `2 · F(b)`, F the first token's latency with
+//! `b` sequences running ([`VariantCapacity::first_token`]).
 
 use crate::input::{BatchLatency, VariantCapacity};
 
@@ -22,7 +26,16 @@ impl VariantCapacity {
         VariantCapacity {
             items_per_second,
             batches,
+            first_token: None,
         }
+    }
+
+    /// The same capacity with the SLO's latency taken from a first-token curve.
+    pub fn with_first_token(mut self, mut points: Vec<BatchLatency>) -> Self {
+        points.retain(|b| b.batch_size > 0 && b.latency_ms.is_finite() && b.latency_ms > 0.0);
+        points.sort_by_key(|b| b.batch_size);
+        self.first_token = (!points.is_empty()).then_some(points);
+        self
     }
 
     /// A flat curve for tests and for variants without a profile: `items_per_second`
@@ -49,7 +62,11 @@ impl VariantCapacity {
         if !(factor.is_finite() && factor > 0.0) {
             return self;
         }
-        for b in &mut self.batches {
+        for b in self
+            .batches
+            .iter_mut()
+            .chain(self.first_token.iter_mut().flatten())
+        {
             b.latency_ms /= factor;
         }
         self.items_per_second *= factor;
@@ -64,21 +81,17 @@ impl VariantCapacity {
     /// Service time of a batch of `batch` inputs, ms: linear between profiled points,
     /// per-item beyond the largest, and the smallest point's time below it.
     pub fn batch_latency_ms(&self, batch: f64) -> f64 {
-        let Some(first) = self.batches.first() else {
-            return batch.max(1.0) * 1000.0 / self.items_per_second;
-        };
-        if batch <= first.batch_size as f64 {
-            return first.latency_ms;
-        }
-        for w in self.batches.windows(2) {
-            let (a, b) = (w[0], w[1]);
-            if batch <= b.batch_size as f64 {
-                let t = (batch - a.batch_size as f64) / (b.batch_size - a.batch_size) as f64;
-                return a.latency_ms + t * (b.latency_ms - a.latency_ms);
-            }
-        }
-        let last = self.batches[self.batches.len() - 1];
-        last.latency_ms * batch / last.batch_size as f64
+        interpolate(&self.batches, batch)
+            .unwrap_or_else(|| batch.max(1.0) * 1000.0 / self.items_per_second)
+    }
+
+    /// The latency the SLO is set on with `batch` inputs running, ms: the first
+    /// token's where there is a first-token curve, else the batch's service time.
+    pub fn slo_latency_ms(&self, batch: f64) -> f64 {
+        self.first_token
+            .as_deref()
+            .and_then(|points| interpolate(points, batch))
+            .unwrap_or_else(|| self.batch_latency_ms(batch))
     }
 
     /// Predicted p95 latency (ms) of one replica receiving `rate` inputs per second,
@@ -91,17 +104,18 @@ impl VariantCapacity {
             1.0
         };
         let lat = |b: f64| self.batch_latency_ms(b) / speed;
+        let slo = |b: f64| self.slo_latency_ms(b) / speed;
         if !(rate.is_finite()) {
             return None;
         }
         if rate <= 0.0 {
-            return Some(2.0 * lat(1.0));
+            return Some(2.0 * slo(1.0));
         }
         let bmax = self.max_batch() as f64;
         // Batch at which arrivals during one batch fill the next: b = rate · L(b).
         let fill = |b: f64| rate * lat(b) / 1000.0 - b;
         if fill(1.0) <= 0.0 {
-            return Some(2.0 * lat(1.0));
+            return Some(2.0 * slo(1.0));
         }
         if fill(bmax) >= 0.0 {
             return None;
@@ -115,7 +129,7 @@ impl VariantCapacity {
                 hi = mid;
             }
         }
-        Some(2.0 * lat(hi))
+        Some(2.0 * slo(hi))
     }
 
     /// Replicas needed so that `rate` inputs per second, spread evenly, keep each
@@ -154,6 +168,24 @@ impl VariantCapacity {
         }
         n.min(CAP) as u32
     }
+}
+
+/// A curve's value at `batch`: linear between points, proportional beyond the last,
+/// the first point's below it. `None` for an empty curve.
+fn interpolate(points: &[BatchLatency], batch: f64) -> Option<f64> {
+    let first = points.first()?;
+    if batch <= first.batch_size as f64 {
+        return Some(first.latency_ms);
+    }
+    for w in points.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        if batch <= b.batch_size as f64 {
+            let t = (batch - a.batch_size as f64) / (b.batch_size - a.batch_size) as f64;
+            return Some(a.latency_ms + t * (b.latency_ms - a.latency_ms));
+        }
+    }
+    let last = points[points.len() - 1];
+    Some(last.latency_ms * batch / last.batch_size as f64)
 }
 
 #[cfg(test)]
@@ -256,5 +288,45 @@ mod tests {
         let tight = c.replicas_needed(1000.0, 1.0, 30.0, 0.8);
         assert!(tight > 8, "{tight}");
         assert!(c.predict_p95_ms(1000.0 / tight as f64, 1.0).unwrap() <= 30.0);
+    }
+
+    #[test]
+    fn a_first_token_curve_sets_the_p95_but_not_the_throughput() {
+        // Requests of 1 s alone, 4 s with 8 running: 2 requests/s at best; the first
+        // token comes after 100 ms alone, 300 ms with 8 running.
+        let whole = VariantCapacity::from_batches(vec![
+            BatchLatency {
+                batch_size: 1,
+                latency_ms: 1000.0,
+            },
+            BatchLatency {
+                batch_size: 8,
+                latency_ms: 4000.0,
+            },
+        ]);
+        let ttft = whole.clone().with_first_token(vec![
+            BatchLatency {
+                batch_size: 1,
+                latency_ms: 100.0,
+            },
+            BatchLatency {
+                batch_size: 8,
+                latency_ms: 300.0,
+            },
+        ]);
+        assert_eq!(ttft.items_per_second, whole.items_per_second);
+        assert_eq!(ttft.predict_p95_ms(0.0, 1.0), Some(200.0));
+        assert_eq!(whole.predict_p95_ms(0.0, 1.0), Some(2000.0));
+        // 1.5 requests/s: b = 1.5 s · L(b) holds at b = 2.4 running; F(2.4) = 140 ms.
+        let p = ttft.predict_p95_ms(1.5, 1.0).unwrap();
+        assert!((p - 280.0).abs() < 1e-6, "{p}");
+        // Past 2 requests/s no replica keeps up, whatever the first token's latency.
+        assert_eq!(ttft.predict_p95_ms(2.5, 1.0), None);
+        // A 500 ms first-token target fits one replica; the whole request never could.
+        assert_eq!(ttft.replicas_needed(1.5, 1.0, 500.0, 1.0), 1);
+        assert_eq!(whole.replicas_needed(1.5, 1.0, 500.0, 1.0), u32::MAX / 2);
+        // A CPU share slows both curves alike.
+        let half = ttft.scaled(0.5);
+        assert_eq!(half.predict_p95_ms(0.0, 1.0), Some(400.0));
     }
 }

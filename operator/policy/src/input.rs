@@ -161,6 +161,11 @@ pub struct VariantCapacity {
     pub items_per_second: f64,
     /// Service time against batch size, ascending batch sizes.
     pub batches: Vec<BatchLatency>,
+    /// When the SLO is on time to first token (text generation): the first token's
+    /// latency with `batch_size` sequences running, ascending. `None`: the SLO's
+    /// latency is the request's whole service time (`batches`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_token: Option<Vec<BatchLatency>>,
 }
 
 /// Replicas of one variant.

@@ -23,6 +23,9 @@ use crate::input::{BatchLatency, VariantCapacity, VariantSpec};
 /// The schema tag every profile carries.
 pub const PROFILE_SCHEMA: &str = "kestrel.dev/worker-profile/v1";
 
+/// The `task` of a text-generation profile (the ModelDeployment's `model.task`).
+pub const TEXT_GENERATION: &str = "text-generation";
+
 /// One `kestrel-worker profile --json` output: every variant of one model on one machine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerProfile {
@@ -68,6 +71,35 @@ pub struct ProfileVariant {
     pub batches: Vec<ProfileBatch>,
     /// End-to-end latency against client concurrency.
     pub concurrency: Vec<ProfileConcurrency>,
+    /// Text generation only: prompt-pass and first-token figures. `batches` are then
+    /// decode steps: sequences per step, step latency, generated tokens per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<ProfileGeneration>,
+}
+
+/// A text-generation variant's prompt-pass figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileGeneration {
+    /// Prompt tokens per second of the prompt pass (one 128-token prompt).
+    pub prompt_tokens_per_second: f64,
+    /// Generated tokens per second of one sequence alone (decode batch 1).
+    pub generated_tokens_per_second: f64,
+    /// Prompt pass and first token of a 32-token prompt, alone, in milliseconds.
+    pub ttft_ms: f64,
+    /// Bytes of the weights as loaded.
+    pub weight_bytes: u64,
+}
+
+/// What the text-generation requests a fleet serves look like, on average: it turns a
+/// variant's decode-step curve into a curve of whole requests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerationShape {
+    /// Prompt tokens per request; `None` uses the profile's own first-token prompt.
+    pub prompt_tokens: Option<f64>,
+    /// Generated tokens per request.
+    pub generated_tokens: f64,
+    /// True when the SLO is on time to first token, false for the whole request.
+    pub first_token_slo: bool,
 }
 
 /// Quality of a variant's outputs against the reference variant's.
@@ -155,6 +187,19 @@ impl WorkerProfile {
             if !v.quality.quality_loss.is_finite() {
                 return Err(bad("a non-finite quality loss"));
             }
+            let generates = profile.task == TEXT_GENERATION;
+            match &v.generation {
+                None if generates => return Err(bad("no generation figures")),
+                Some(g)
+                    if !(g.ttft_ms.is_finite()
+                        && g.ttft_ms > 0.0
+                        && g.prompt_tokens_per_second.is_finite()
+                        && g.prompt_tokens_per_second > 0.0) =>
+                {
+                    return Err(bad("a non-positive first-token time or prompt speed"));
+                }
+                _ => {}
+            }
         }
         Ok(profile)
     }
@@ -178,6 +223,46 @@ impl ProfileVariant {
             .collect();
         batches.sort_by_key(|b| b.batch_size);
         VariantCapacity::from_batches(batches)
+    }
+
+    /// One replica's capacity in whole requests of `shape`, from a text-generation
+    /// variant's decode-step curve; `None` for a variant without generation figures.
+    ///
+    /// With `b` sequences running, each step yields `b` tokens in `step(b)`, and each
+    /// request's prompt pass (`prefill`, one prompt at a time) stalls the others: `b`
+    /// requests of `T` generated tokens take `L(b) = b · prefill + T · step(b)`. The
+    /// first token comes after its prompt pass and one step: `F(b) = prefill + step(b)`.
+    pub fn request_capacity(&self, shape: &GenerationShape) -> Option<VariantCapacity> {
+        let g = self.generation.as_ref()?;
+        let prefill_ms = shape
+            .prompt_tokens
+            .filter(|p| p.is_finite() && *p > 0.0)
+            .map_or(g.ttft_ms, |p| p * 1000.0 / g.prompt_tokens_per_second);
+        let tokens = if shape.generated_tokens.is_finite() {
+            shape.generated_tokens.max(1.0)
+        } else {
+            1.0
+        };
+        let point = |b: &ProfileBatch, latency_ms: f64| BatchLatency {
+            batch_size: b.batch_size,
+            latency_ms,
+        };
+        let whole = self
+            .batches
+            .iter()
+            .map(|b| point(b, b.batch_size as f64 * prefill_ms + tokens * b.latency_ms))
+            .collect();
+        let capacity = VariantCapacity::from_batches(whole);
+        Some(if shape.first_token_slo {
+            let first = self
+                .batches
+                .iter()
+                .map(|b| point(b, prefill_ms + b.latency_ms))
+                .collect();
+            capacity.with_first_token(first)
+        } else {
+            capacity
+        })
     }
 
     /// The policy's view of this variant at `price_per_replica_hour` (the operator's

@@ -14,6 +14,8 @@ pub struct SignalsQuery {
     pub window_seconds: u32,
     /// Short window for burst detection and gauge averages, in seconds.
     pub short_window_seconds: u32,
+    /// Text generation: also read prompt and generated tokens per request.
+    pub generation: bool,
 }
 
 /// Signals of one ModelDeployment at one instant (sums over its workers).
@@ -31,6 +33,10 @@ pub struct Signals {
     pub throughput: f64,
     /// p95 latency in milliseconds; None when no request completed in the window.
     pub p95_ms: Option<f64>,
+    /// Text generation: prompt tokens per answered request over the stable window.
+    pub prompt_tokens_per_request: Option<f64>,
+    /// Text generation: generated tokens per answered request over the stable window.
+    pub generated_tokens_per_request: Option<f64>,
     /// Workers Prometheus scraped successfully.
     pub scraped_workers: u32,
     /// Age of the newest sample, seconds.

@@ -36,6 +36,14 @@ impl PrometheusSource {
         })
     }
 
+    /// A query that may not apply to this ModelDeployment (`None`: no value).
+    async fn optional(&self, promql: Option<&str>) -> Result<Option<f64>, SignalsError> {
+        match promql {
+            Some(q) => self.scalar(q).await,
+            None => Ok(None),
+        }
+    }
+
     async fn scalar(&self, promql: &str) -> Result<Option<f64>, SignalsError> {
         let result = self
             .client
@@ -65,6 +73,10 @@ impl PrometheusSource {
             self.scalar(&queries.throughput),
             self.scalar(&queries.p95_seconds),
         )?;
+        let (prompt_tokens, generated_tokens) = futures::try_join!(
+            self.optional(queries.prompt_tokens_per_request.as_deref()),
+            self.optional(queries.generated_tokens_per_request.as_deref()),
+        )?;
         let Some(age) = age else {
             return Ok(SignalsReading::NoData);
         };
@@ -82,6 +94,9 @@ impl PrometheusSource {
             throughput: finite(ok).unwrap_or(0.0),
             // No completed request in the window gives NaN: no latency to report.
             p95_ms: finite(p95).map(|s| s * 1000.0),
+            // No answered request in the window divides by zero: no shape to report.
+            prompt_tokens_per_request: finite(prompt_tokens),
+            generated_tokens_per_request: finite(generated_tokens),
             scraped_workers: finite(workers).unwrap_or(0.0) as u32,
             age_seconds: age,
         }))
@@ -110,6 +125,10 @@ pub struct Queries {
     pub arrival_rate_short: String,
     pub throughput: String,
     pub p95_seconds: String,
+    /// Text generation only.
+    pub prompt_tokens_per_request: Option<String>,
+    /// Text generation only.
+    pub generated_tokens_per_request: Option<String>,
 }
 
 impl Queries {
@@ -122,6 +141,16 @@ impl Queries {
         );
         let w = q.window_seconds;
         let short = q.short_window_seconds;
+        let answered = format!(
+            r#"sum(rate({}{{{sel},{}="{}"}}[{w}s]))"#,
+            series::REQUESTS_TOTAL,
+            labels::OUTCOME,
+            labels::OUTCOME_OK
+        );
+        let per_request = |tokens: &str| {
+            q.generation
+                .then(|| format!(r#"sum(rate({tokens}{{{sel}}}[{w}s])) / {answered}"#))
+        };
         Self {
             scraped_workers: format!(r#"count(up{{{sel}}} == 1)"#),
             sample_age: format!(r#"time() - max(timestamp({}{{{sel}}}))"#, series::IN_FLIGHT),
@@ -141,12 +170,9 @@ impl Queries {
                 r#"sum(rate({}{{{sel}}}[{short}s]))"#,
                 series::REQUESTS_TOTAL
             ),
-            throughput: format!(
-                r#"sum(rate({}{{{sel},{}="{}"}}[{w}s]))"#,
-                series::REQUESTS_TOTAL,
-                labels::OUTCOME,
-                labels::OUTCOME_OK
-            ),
+            prompt_tokens_per_request: per_request(series::PROMPT_TOKENS_TOTAL),
+            generated_tokens_per_request: per_request(series::GENERATED_TOKENS_TOTAL),
+            throughput: answered,
             p95_seconds: format!(
                 r#"histogram_quantile(0.95, sum by (le) (rate({}_bucket{{{sel}}}[{w}s])))"#,
                 q.latency_metric
@@ -171,6 +197,7 @@ mod tests {
             latency_metric: series::REQUEST_DURATION,
             window_seconds: 30,
             short_window_seconds: 15,
+            generation: false,
         });
         assert_eq!(
             q.p95_seconds,
@@ -181,5 +208,38 @@ mod tests {
             r#"sum(avg_over_time(kestrel_worker_in_flight_requests{namespace="search",kestrel_dev_model_deployment="minilm"}[15s]))"#
         );
         assert!(q.throughput.contains(r#"outcome="ok""#));
+        assert_eq!(q.generated_tokens_per_request, None);
+    }
+
+    #[test]
+    fn text_generation_also_reads_tokens_per_answered_request() {
+        let q = Queries::new(&SignalsQuery {
+            namespace: "chat".into(),
+            name: "gemma".into(),
+            latency_metric: series::TIME_TO_FIRST_TOKEN,
+            window_seconds: 30,
+            short_window_seconds: 15,
+            generation: true,
+        });
+        let sel = r#"{namespace="chat",kestrel_dev_model_deployment="gemma"}"#;
+        assert_eq!(
+            q.generated_tokens_per_request.as_deref(),
+            Some(
+                format!(
+                    r#"sum(rate(kestrel_worker_generated_tokens_total{sel}[30s])) / {}"#,
+                    q.throughput
+                )
+                .as_str()
+            )
+        );
+        assert!(
+            q.prompt_tokens_per_request
+                .unwrap()
+                .starts_with("sum(rate(kestrel_worker_prompt_tokens_total{")
+        );
+        assert!(
+            q.p95_seconds
+                .contains("kestrel_worker_time_to_first_token_seconds_bucket")
+        );
     }
 }

@@ -8,10 +8,14 @@ use kestrel_worker::textgen::quality::{greedy, logits_cosines, reference};
 use kestrel_worker::textgen::{GemmaTokenizer, load_model};
 
 /// Minimum cosine of the last-token logits to the reference, per variant (measured
-/// values in docs/worker.md; the bound leaves a margin under each).
+/// values in docs/worker.md; the bound leaves a margin under each). q4_k_m's worst
+/// prompt moved 0.99981 → 0.99950 when its ten Q8_0 matrices left candle's kernel for
+/// the worker's (f32 activation scales instead of f16, ties to even): products of the
+/// same error to the exact one (`q8::tests`), one sensitive prompt. The issue measured
+/// 0.9986 for this variant.
 fn min_cosine(variant: &str) -> f64 {
     match variant {
-        "q4_k_m" => 0.9995,
+        "q4_k_m" => 0.999,
         "q8_0" => 0.999,
         "f16" => 0.9999,
         "q4_0" => 0.97,

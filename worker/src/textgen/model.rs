@@ -14,6 +14,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, gguf_file};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 
+use crate::q8::Q8Matrix;
+
 /// RoPE base of the sliding-window (local) layers when the GGUF does not name one.
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
 /// Every sixth layer attends globally (Gemma 3's pattern; not stored in the GGUF).
@@ -114,6 +116,8 @@ impl Rope {
     }
 }
 
+/// One weight matrix and the kernel that multiplies by it.
+///
 /// Candle's AVX512-VNNI kernels (repacked Q8_0/Q4_K/Q6_K tiles) need the inner
 /// dimension to be a multiple of 256; Gemma-3-270M's is 640, so every matrix reading
 /// the residual stream falls back to the generic kernel, which barely gains from a
@@ -122,17 +126,33 @@ impl Rope {
 /// (62 % of a token's arithmetic) takes it: the fast kernel quantizes activations per
 /// 256 values instead of per 32, and inside the layers, where Gemma's residual stream
 /// has outlier channels, that cost q8_0 its logits cosine (0.99968 → 0.99663, measured).
-struct Proj {
-    mm: QMatMul,
-    pad: usize,
+/// The layers' Q8_0 matrices run on the worker's own kernel instead ([`Q8Matrix`]:
+/// per-32 scales, as candle's generic kernel, and a tile of rows per pass).
+enum Proj {
+    Candle { mm: QMatMul, pad: usize },
+    Q8(Q8Matrix),
 }
 
 /// Quantized inner-dimension multiple of candle's fast CPU kernels.
 const FAST_K: usize = 256;
 
+/// `KESTREL_Q8_KERNEL=candle` keeps candle's kernel for the layers' Q8_0 matrices
+/// (for side-by-side benchmarks); by default the worker's own runs where the CPU has it.
+pub const Q8_KERNEL_ENV: &str = "KESTREL_Q8_KERNEL";
+
+fn own_q8_kernel() -> bool {
+    Q8Matrix::supported() && std::env::var(Q8_KERNEL_ENV).as_deref() != Ok("candle")
+}
+
 impl Proj {
     fn plain(t: Arc<QTensor>) -> Result<Self> {
-        Ok(Proj {
+        if t.dtype() == GgmlDType::Q8_0 && own_q8_kernel() {
+            let (n, k) = t.shape().dims2()?;
+            if let Some(m) = Q8Matrix::from_q8_0(&t.data()?, n, k) {
+                return Ok(Proj::Q8(m));
+            }
+        }
+        Ok(Proj::Candle {
             mm: QMatMul::from_arc(t)?,
             pad: 0,
         })
@@ -140,8 +160,14 @@ impl Proj {
 
     fn padded(t: Arc<QTensor>) -> Result<Self> {
         let (n, k) = t.shape().dims2()?;
+        if t.dtype() == GgmlDType::Q8_0
+            && own_q8_kernel()
+            && let Some(m) = Q8Matrix::from_q8_0(&t.data()?, n, k)
+        {
+            return Ok(Proj::Q8(m));
+        }
         if t.dtype() != GgmlDType::Q8_0 || k.is_multiple_of(FAST_K) {
-            return Ok(Proj {
+            return Ok(Proj::Candle {
                 mm: QMatMul::from_arc(t)?,
                 pad: 0,
             });
@@ -157,19 +183,40 @@ impl Proj {
         }
         let storage =
             QStorage::from_data(std::borrow::Cow::Owned(out), &Device::Cpu, GgmlDType::Q8_0)?;
-        Ok(Proj {
+        Ok(Proj::Candle {
             mm: QMatMul::from_qtensor(QTensor::new(storage, (n, kp))?)?,
             pad: kp - k,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.pad == 0 {
-            return self.mm.forward(x);
+        match self {
+            Proj::Candle { mm, pad: 0 } => mm.forward(x),
+            Proj::Candle { mm, pad } => {
+                mm.forward(&x.pad_with_zeros(candle_core::D::Minus1, 0, *pad)?)
+            }
+            Proj::Q8(w) => {
+                let mut dims = x.dims().to_vec();
+                let k = dims.pop().unwrap_or(0);
+                if k != w.k() {
+                    candle_core::bail!("input has {k} columns, the matrix {}", w.k());
+                }
+                let m = x.elem_count() / k;
+                let input = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; m * w.n()];
+                w.matmul(&input, m, &mut out);
+                dims.push(w.n());
+                Tensor::from_vec(out, dims, x.device())
+            }
         }
-        self.mm
-            .forward(&x.pad_with_zeros(candle_core::D::Minus1, 0, self.pad)?)
     }
+}
+
+/// GELU (tanh approximation, as Gemma) through the worker's vectorized version.
+fn gelu(x: &Tensor) -> Result<Tensor> {
+    let mut values = x.flatten_all()?.to_vec1::<f32>()?;
+    crate::gelu::gelu_tanh(&mut values);
+    Tensor::from_vec(values, x.dims(), x.device())
 }
 
 struct RmsNorm {
@@ -217,7 +264,7 @@ struct Layer {
 
 impl Layer {
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate.forward(x)?.gelu()?; // gelu = the tanh approximation in candle
+        let gate = gelu(&self.gate.forward(x)?)?;
         let up = self.up.forward(x)?;
         self.down.forward(&(gate * up)?)
     }

@@ -181,8 +181,8 @@ impl TestNamespace {
         Ok(())
     }
 
-    /// The embeddings route of a Service in this namespace, through its ClusterIP.
-    pub async fn embeddings_url(&self, service: &str) -> Result<String> {
+    /// A route of a Service in this namespace, through its ClusterIP.
+    pub async fn service_url(&self, service: &str, route: &str) -> Result<String> {
         let services: Api<k8s_openapi::api::core::v1::Service> = self.api();
         let spec = services
             .get(service)
@@ -191,17 +191,40 @@ impl TestNamespace {
             .context("a Service has a spec")?;
         let ip = spec.cluster_ip.context("the Service has no ClusterIP")?;
         Ok(format!(
-            "http://{ip}:{}/v1/embeddings",
+            "http://{ip}:{}{route}",
             kestrel_crds::contract::DEFAULT_WORKER_PORT
         ))
+    }
+
+    /// The embeddings route of a Service in this namespace, through its ClusterIP.
+    pub async fn embeddings_url(&self, service: &str) -> Result<String> {
+        self.service_url(service, "/v1/embeddings").await
     }
 
     /// The embeddings route once it answers: Ready pods reach kube-proxy's rules a moment
     /// after the API says Ready, so a load test starts only when a request gets through.
     pub async fn serving_url(&self, service: &str) -> Result<String> {
-        let url = self.embeddings_url(service).await?;
+        let body = serde_json::json!({"model": "all-MiniLM-L6-v2", "input": "ping"});
+        self.answering_url(service, "/v1/embeddings", &body).await
+    }
+
+    /// The completions route of a text-generation Service once it answers (as
+    /// [`TestNamespace::serving_url`]).
+    pub async fn completions_url(&self, service: &str) -> Result<String> {
+        let body = serde_json::json!({"prompt": "ping", "max_tokens": 1});
+        self.answering_url(service, "/v1/completions", &body).await
+    }
+
+    /// `route` of `service` once a POST of `body` to it succeeds.
+    async fn answering_url(
+        &self,
+        service: &str,
+        route: &str,
+        body: &serde_json::Value,
+    ) -> Result<String> {
+        let url = self.service_url(service, route).await?;
         let client = reqwest::Client::new();
-        let body = serde_json::json!({"model": "all-MiniLM-L6-v2", "input": "ping"}).to_string();
+        let body = body.to_string();
         wait_for("the Service to answer", Duration::from_secs(30), || {
             let (client, url, body) = (client.clone(), url.clone(), body.clone());
             async move {
@@ -209,6 +232,7 @@ impl TestNamespace {
                     .post(&url)
                     .header("content-type", "application/json")
                     .body(body)
+                    .timeout(Duration::from_secs(20))
                     .send()
                     .await?;
                 Ok(resp.status().is_success())

@@ -1,18 +1,27 @@
-//! The text-generation example, run by the operator on the local cluster: the
-//! ModelDeployment of deploy/examples/cpu-text-generation.yaml (model source swapped for
-//! the Gemma folder on the node, as deploy/examples/local-apply does) becomes Ready and
-//! its Service completes through the worker's OpenAI route.
+//! Text generation on the local cluster. The example: the ModelDeployment of
+//! deploy/examples/cpu-text-generation.yaml (model source swapped for the Gemma folder
+//! on the node, as deploy/examples/local-apply does) becomes Ready and its Service
+//! completes through the worker's OpenAI route. Autoscaled: a load of concurrent
+//! completions makes the operator add a replica from the real worker's text-generation
+//! signals in a real Prometheus, without a failed request, and remove it after the
+//! scale-down delay.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Service;
-use kestrel_e2e::{TestNamespace, condition, repo_root, worker_image};
+use k8s_openapi::api::apps::v1::Deployment;
+use kestrel_e2e::{TestNamespace, condition, repo_root, wait_for, worker_image};
 use kube::Api;
+
+fn gemma_dir() -> String {
+    std::env::var("KESTREL_GEMMA_DIR")
+        .expect("KESTREL_GEMMA_DIR is not set: run `make setup` and source .cache/worker.env")
+}
 
 #[tokio::test]
 async fn the_text_generation_example_becomes_ready_and_completes_through_its_service() {
-    let gemma = std::env::var("KESTREL_GEMMA_DIR")
-        .expect("KESTREL_GEMMA_DIR is not set: run `make setup` and source .cache/worker.env");
+    let gemma = gemma_dir();
     let mut ns = TestNamespace::new("textgen").await.unwrap();
     ns.start_operator(&[]).unwrap();
     let example =
@@ -35,37 +44,205 @@ async fn the_text_generation_example_becomes_ready_and_completes_through_its_ser
     .await
     .unwrap();
 
-    let services: Api<Service> = ns.api();
-    let ip = services
-        .get("gemma")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .cluster_ip
-        .unwrap();
+    let url = ns.completions_url("gemma").await.unwrap();
     let body = serde_json::json!({"model": "gemma-3-270m", "prompt": "Q: What is the capital of France?\nA:",
                                   "max_tokens": 8, "temperature": 0});
-    let mut attempt = 0;
-    let resp = loop {
-        let sent = reqwest::Client::new()
-            .post(format!("http://{ip}:8080/v1/completions"))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .timeout(Duration::from_secs(60))
-            .send()
-            .await;
-        match sent {
-            Ok(resp) => break resp,
-            Err(e) if e.is_connect() && attempt < 30 => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => panic!("request through the Service failed: {e}"),
-        }
-    };
+    let resp = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let doc: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
     let text = doc["choices"][0]["text"].as_str().unwrap();
     assert!(text.contains("Paris"), "{doc}");
+}
+
+/// Closed-loop clients sending completions until `deadline`: (answered, 429, failed
+/// with what).
+async fn chat_load(url: String, clients: usize, deadline: Instant) -> (usize, usize, Vec<String>) {
+    let ok = Arc::new(AtomicUsize::new(0));
+    let rejected = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let (http, url) = (http.clone(), url.clone());
+            let (ok, rejected, failures) = (ok.clone(), rejected.clone(), failures.clone());
+            tokio::spawn(async move {
+                let body = serde_json::json!({"model": "gemma-3-270m", "max_tokens": 24,
+                    "temperature": 0, "prompt": format!("Write a short note number {i} about Kubernetes:")});
+                while Instant::now() < deadline {
+                    let sent = http
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.to_string())
+                        .send()
+                        .await;
+                    match sent.map(|r| r.status().as_u16()) {
+                        Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(429) => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            rejected.fetch_add(1, Ordering::Relaxed)
+                        }
+                        Ok(status) => {
+                            failures.lock().unwrap().push(format!("HTTP {status}"));
+                            0
+                        }
+                        Err(e) => {
+                            failures.lock().unwrap().push(e.to_string());
+                            0
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    (
+        ok.load(Ordering::Relaxed),
+        rejected.load(Ordering::Relaxed),
+        failures,
+    )
+}
+
+#[tokio::test]
+async fn an_autoscaled_text_generation_fleet_scales_on_its_load_and_back() {
+    let mut ns = TestNamespace::new("textgen-scale").await.unwrap();
+    let prometheus =
+        std::env::var("KESTREL_PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:9090".into());
+    ns.start_operator(&[
+        "--prometheus-url",
+        &prometheus,
+        "--signal-window-seconds",
+        "20",
+    ])
+    .unwrap();
+    let yaml = format!(
+        r#"
+apiVersion: kestrel.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: gemma}}
+spec:
+  model: {{name: gemma-3-270m, task: text-generation, source: {{hostPath: {{path: "{}"}}}}}}
+  variants: [{{name: q8-0, precision: q8_0}}]
+  slo: {{latencyMetric: timeToFirstToken, p95LatencyMs: 1500, targetQueueDepthPerReplica: 4}}
+  scaling: {{minReplicas: 1, maxReplicas: 2, scaleDownDelaySeconds: 30}}
+  worker:
+    image: "{}"
+    imagePullPolicy: IfNotPresent
+    maxBatchSize: 4
+    maxQueue: 64
+    # Half a core each, so that a second replica adds capacity on this 2-core node.
+    resources: {{requests: {{cpu: 250m, memory: 1Gi}}, limits: {{cpu: 500m, memory: 3Gi}}}}
+"#,
+        gemma_dir(),
+        worker_image()
+    );
+    ns.apply_yaml(&yaml).await.unwrap();
+    ns.wait_md(
+        "gemma",
+        "Ready 1/1 with fresh metrics",
+        Duration::from_secs(300),
+        |md| {
+            condition(md, "Ready").is_some_and(|c| c.status == "True")
+                && condition(md, "MetricsAvailable").is_some_and(|c| c.status == "True")
+        },
+    )
+    .await
+    .unwrap();
+    let url = ns.completions_url("gemma").await.unwrap();
+    let deployments: Api<Deployment> = ns.api();
+    let replicas = || async {
+        deployments
+            .get("gemma-q8-0")
+            .await
+            .ok()
+            .and_then(|d| d.spec)
+            .and_then(|s| s.replicas)
+            .unwrap_or(0)
+    };
+
+    // Twelve clients against one replica that decodes four sequences at a time: eight
+    // wait, twice the target queue per replica, and their first tokens wait with them.
+    let step = Instant::now();
+    let load = tokio::spawn(chat_load(url, 12, step + Duration::from_secs(75)));
+    wait_for("a second replica", Duration::from_secs(75), || async {
+        Ok(replicas().await > 1)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", kestrel_e2e::tail(&ns.operator_log(), 30)));
+    println!(
+        "chat load → second replica after {:.1} s",
+        step.elapsed().as_secs_f64()
+    );
+    let md = ns
+        .wait_md(
+            "gemma",
+            "the scale-up in status",
+            Duration::from_secs(30),
+            |md| {
+                md.status
+                    .as_ref()
+                    .and_then(|s| s.last_decision.as_ref())
+                    .is_some_and(|d| d.to_replicas > 1)
+            },
+        )
+        .await
+        .unwrap();
+    let status = md.status.unwrap();
+    let decision = status.last_decision.unwrap();
+    println!(
+        "decision: {} — {} (predicted p95 {:?} ms)",
+        decision.reason, decision.message, decision.predicted_p95_ms
+    );
+    assert!(
+        decision.reason.starts_with("ScaleUp") || decision.reason == "MaxReplicas",
+        "reason {}",
+        decision.reason
+    );
+    let observed = status.signals.expect("observed signals in status");
+    println!(
+        "observed: p95 time to first token {:?} ms, queue {:?}, {:?} requests/s",
+        observed.p95_latency_ms, observed.queue_depth, observed.request_rate
+    );
+    assert!(
+        observed.request_rate.is_some_and(|r| r > 0.0),
+        "the request rate is read from the workers: {observed:?}"
+    );
+
+    let (ok, rejected, failures) = load.await.unwrap();
+    println!(
+        "chat load: {ok} answered, {rejected} refused with 429, {} failed",
+        failures.len()
+    );
+    assert!(ok > 20, "only {ok} completions answered");
+    assert!(failures.is_empty(), "no request failed: {failures:?}");
+
+    // Load gone: back to one replica after the 30 s scale-down delay, never before it.
+    let stopped = Instant::now();
+    wait_for("scale-down to 1", Duration::from_secs(180), || async {
+        Ok(replicas().await == 1)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", kestrel_e2e::tail(&ns.operator_log(), 30)));
+    let down = stopped.elapsed();
+    println!(
+        "load stopped → back to 1 replica after {:.1} s",
+        down.as_secs_f64()
+    );
+    assert!(
+        down >= Duration::from_secs(25),
+        "scaled down after only {:.1} s",
+        down.as_secs_f64()
+    );
 }

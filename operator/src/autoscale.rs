@@ -135,6 +135,9 @@ pub fn input(md: &ValidDeployment, observed: &Observed, profiles: &Profiles) -> 
             if let Some(capacity) = shape.as_ref().and_then(|s| measured.request_capacity(s)) {
                 spec.capacity = capacity;
             }
+            // No faster than the worker's own batch limit lets it be.
+            let max_batch = u32::try_from(md.worker.max_batch_size).unwrap_or(1);
+            spec.capacity = spec.capacity.up_to_batch(max_batch);
             if !v.accelerator.is_gpu()
                 && let Some(share) = cpu_share(md.worker.resources.as_ref(), machine)
             {
@@ -512,12 +515,26 @@ mod tests {
 
     #[test]
     fn an_embeddings_deployment_never_plans_with_the_text_generation_profile() {
-        let i = input(
-            &with_cpu_limit(None),
-            &Observed::default(),
-            &Profiles::bundled(),
-        );
-        let minilm = Profiles::bundled().0[0].variant("f32").unwrap().capacity();
+        let md = with_cpu_limit(None);
+        let i = input(&md, &Observed::default(), &Profiles::bundled());
+        let minilm = Profiles::bundled().0[0]
+            .variant("f32")
+            .unwrap()
+            .capacity()
+            .up_to_batch(md.worker.max_batch_size as u32);
         assert_eq!(i.variants[0].capacity, minilm);
+    }
+
+    #[test]
+    fn a_worker_batch_limit_caps_the_planned_capacity() {
+        let at = |max_batch: i32| {
+            let mut m = md("minilm");
+            m.spec.worker.max_batch_size = max_batch;
+            let v = validate(&m, Some("w:1"), &PriceTable::default()).unwrap();
+            input(&v, &Observed::default(), &Profiles::bundled()).variants[0]
+                .capacity
+                .items_per_second
+        };
+        assert!(at(4) < at(32), "{} vs {}", at(4), at(32));
     }
 }

@@ -73,6 +73,31 @@ impl VariantCapacity {
         self
     }
 
+    /// The curve a worker that runs at most `max_batch` inputs at once can reach: the
+    /// profiled points up to it (at least the first). A worker limited to 4 sequences
+    /// never reaches the throughput the profile measured at 16.
+    pub fn up_to_batch(mut self, max_batch: u32) -> Self {
+        let keep = |b: &BatchLatency| b.batch_size <= max_batch.max(1);
+        if self.batches.iter().any(keep) {
+            self.batches.retain(keep);
+        } else {
+            self.batches.truncate(1);
+        }
+        if let Some(first) = self.first_token.as_mut() {
+            if first.iter().any(keep) {
+                first.retain(keep);
+            } else {
+                first.truncate(1);
+            }
+        }
+        let first_token = self.first_token.take();
+        let capacity = VariantCapacity::from_batches(self.batches);
+        match first_token {
+            Some(points) => capacity.with_first_token(points),
+            None => capacity,
+        }
+    }
+
     /// The largest profiled batch (1 without a curve).
     pub fn max_batch(&self) -> u32 {
         self.batches.last().map_or(1, |b| b.batch_size)
@@ -328,5 +353,18 @@ mod tests {
         // A CPU share slows both curves alike.
         let half = ttft.scaled(0.5);
         assert_eq!(half.predict_p95_ms(0.0, 1.0), Some(400.0));
+    }
+
+    #[test]
+    fn a_worker_batch_limit_cuts_the_curve() {
+        let c = curve().up_to_batch(8);
+        assert_eq!(c.max_batch(), 8);
+        assert!((c.items_per_second - 8.0 * 1000.0 / 60.0).abs() < 1e-9);
+        // A limit below the first point keeps the first point.
+        assert_eq!(curve().up_to_batch(0).max_batch(), 1);
+        // Past its batch the worker's queue grows: no prediction at 150/s.
+        assert_eq!(c.predict_p95_ms(150.0, 1.0), None);
+        assert!(curve().predict_p95_ms(150.0, 1.0).is_some());
+        assert_eq!(curve().up_to_batch(64), curve());
     }
 }

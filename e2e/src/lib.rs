@@ -305,6 +305,48 @@ impl TestNamespace {
             .await?)
     }
 
+    /// Waits until the named ModelDeployment is Ready with fresh metrics (what a
+    /// scaling test needs before its load starts).
+    pub async fn wait_ready_with_metrics(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<ModelDeployment> {
+        self.wait_md(name, "Ready with fresh metrics", timeout, |md| {
+            condition(md, "Ready").is_some_and(|c| c.status == "True")
+                && condition(md, "MetricsAvailable").is_some_and(|c| c.status == "True")
+        })
+        .await
+    }
+
+    /// Waits until the named ModelDeployment's status records a scale-up decision and
+    /// returns that status; an error if the decision's reason is not a scale-up one.
+    pub async fn wait_scale_up(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<kestrel_crds::ModelDeploymentStatus> {
+        let md = self
+            .wait_md(name, "the scale-up in status", timeout, |md| {
+                md.status
+                    .as_ref()
+                    .and_then(|s| s.last_decision.as_ref())
+                    .is_some_and(|d| d.to_replicas > 1)
+            })
+            .await?;
+        let status = md.status.context("a status")?;
+        let reason = status
+            .last_decision
+            .as_ref()
+            .map(|d| d.reason.clone())
+            .unwrap_or_default();
+        anyhow::ensure!(
+            reason.starts_with("ScaleUp") || reason == "MaxReplicas",
+            "the scale-up's reason is {reason}"
+        );
+        Ok(status)
+    }
+
     /// Waits until the named ModelDeployment satisfies `pred`.
     pub async fn wait_md<P>(
         &self,
@@ -421,6 +463,11 @@ pub fn condition<'a>(
 
 /// The model folder on the node for the real worker (`KESTREL_MODEL_DIR`, written by
 /// `worker/scripts/setup-dev`); the local cluster's node is this machine.
+/// The Prometheus the operator under test reads (the local cluster's, on loopback).
+pub fn prometheus_url() -> String {
+    std::env::var("KESTREL_PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:9090".into())
+}
+
 pub fn model_dir() -> Result<String> {
     std::env::var("KESTREL_MODEL_DIR").context(
         "KESTREL_MODEL_DIR is not set: run `make setup` (or worker/scripts/setup-dev) and export what it prints",

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kestrel_e2e::load::{azure_trace, run};
-use kestrel_e2e::{TestNamespace, condition, model_dir, wait_for, worker_image};
+use kestrel_e2e::{TestNamespace, model_dir, prometheus_url, wait_for, worker_image};
 use kube::Api;
 
 /// Seconds of the load step.
@@ -44,10 +44,6 @@ const TRACE_SPEEDUP: f64 = 30.0;
 /// machine, not of the operator. At 30x from the start, 95/s rising, one replica kept up
 /// for 6 to 16 s, so the reaction time measured the ramp.)
 const TRACE_SKIP_SECONDS: u64 = 40;
-
-fn prometheus_url() -> String {
-    std::env::var("KESTREL_PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:9090".into())
-}
 
 /// Desired and ready replicas of the worker Deployment, one line per change, until
 /// `until` after `start`: when capacity arrived explains the latency of each window.
@@ -107,17 +103,9 @@ spec:
         worker_image()
     );
     ns.apply_yaml(&yaml).await.unwrap();
-    ns.wait_md(
-        "minilm",
-        "Ready 1/1 with fresh metrics",
-        Duration::from_secs(240),
-        |md| {
-            condition(md, "Ready").is_some_and(|c| c.status == "True")
-                && condition(md, "MetricsAvailable").is_some_and(|c| c.status == "True")
-        },
-    )
-    .await
-    .unwrap();
+    ns.wait_ready_with_metrics("minilm", Duration::from_secs(240))
+        .await
+        .unwrap();
 
     let url = ns.serving_url("minilm").await.unwrap();
     let deployments: Api<Deployment> = ns.api();
@@ -155,26 +143,9 @@ spec:
         reaction.as_secs_f64()
     );
 
-    let md = ns
-        .wait_md(
-            "minilm",
-            "the scale-up in status",
-            Duration::from_secs(30),
-            |md| {
-                md.status
-                    .as_ref()
-                    .and_then(|s| s.last_decision.as_ref())
-                    .is_some_and(|d| d.to_replicas > 1)
-            },
-        )
+    ns.wait_scale_up("minilm", Duration::from_secs(30))
         .await
         .unwrap();
-    let decision = md.status.unwrap().last_decision.unwrap();
-    assert!(
-        decision.reason.starts_with("ScaleUp") || decision.reason == "MaxReplicas",
-        "reason {}",
-        decision.reason
-    );
     let events = ns.events().await.unwrap();
     assert!(
         events.contains("Normal minilm Scaled: 1 →"),

@@ -6,16 +6,14 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use kestrel_crds::ModelDeployment;
 use kestrel_e2e::load::{fixed_rate, run};
-use kestrel_e2e::{TestNamespace, condition, model_dir, wait_for, worker_image};
+use kestrel_e2e::{TestNamespace, condition, model_dir, prometheus_url, wait_for, worker_image};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 
 #[tokio::test]
 async fn lowering_the_budget_switches_to_the_cheaper_variant_without_a_failed_request() {
     let mut ns = TestNamespace::new("switch").await.unwrap();
-    let prometheus =
-        std::env::var("KESTREL_PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:9090".into());
-    ns.start_operator(&["--prometheus-url", &prometheus])
+    ns.start_operator(&["--prometheus-url", &prometheus_url()])
         .unwrap();
     let yaml = format!(
         r#"

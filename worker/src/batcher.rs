@@ -11,12 +11,13 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info};
 
+use crate::admission::Admission;
+pub use crate::admission::Refusal;
 use crate::engine::{EmbeddingBackend, EngineError, embed_grouped};
 use crate::metrics::{Metrics, Outcome};
 
@@ -27,15 +28,6 @@ pub struct BatchLimits {
     pub max_batch: usize,
     pub max_batch_tokens: usize,
     pub max_wait: Duration,
-}
-
-/// Why a request was not admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error("the queue is full ({0} requests waiting)")]
-    QueueFull(usize),
-    #[error("the worker is shutting down")]
-    Draining,
 }
 
 /// Why an admitted request failed.
@@ -62,12 +54,7 @@ struct Job {
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::UnboundedSender<Job>,
-    waiting: Arc<AtomicUsize>,
-    admitting: Arc<AtomicBool>,
-    /// Requests admitted since start (the drain log reports it).
-    admitted_total: Arc<AtomicUsize>,
-    max_queue: usize,
-    metrics: Arc<Metrics>,
+    admission: Admission,
 }
 
 impl Batcher {
@@ -79,27 +66,20 @@ impl Batcher {
         metrics: Arc<Metrics>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let admission = Admission::new(limits.max_queue, [metrics.queue_depth.clone()]);
         let engine = Engine::spawn(backend, pad_id);
         let owner = QueueOwner {
             rx,
             queue: VecDeque::new(),
-            waiting: waiting.clone(),
+            admission: admission.clone(),
             limits: limits.clone(),
-            metrics: metrics.clone(),
+            metrics,
             engine,
             recent: VecDeque::new(),
             engine_free_at: Instant::now(),
         };
         let task = tokio::spawn(owner.run());
-        let handle = Batcher {
-            tx,
-            waiting,
-            admitting: Arc::new(AtomicBool::new(true)),
-            admitted_total: Arc::new(AtomicUsize::new(0)),
-            max_queue: limits.max_queue,
-            metrics,
-        };
+        let handle = Batcher { tx, admission };
         (handle, task)
     }
 
@@ -110,18 +90,7 @@ impl Batcher {
         inputs: Vec<Vec<u32>>,
         timeout: Duration,
     ) -> Result<oneshot::Receiver<JobResult>, Refusal> {
-        if !self.admitting.load(Ordering::SeqCst) {
-            return Err(Refusal::Draining);
-        }
-        let admitted = self
-            .waiting
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < self.max_queue).then_some(n + 1)
-            });
-        if let Err(n) = admitted {
-            return Err(Refusal::QueueFull(n));
-        }
-        self.metrics.queue_depth.inc();
+        self.admission.reserve()?;
         let (reply, rx) = oneshot::channel();
         let now = Instant::now();
         let job = Job {
@@ -131,27 +100,16 @@ impl Batcher {
             reply,
         };
         if self.tx.send(job).is_err() {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.metrics.queue_depth.dec();
+            self.admission.unreserve();
             return Err(Refusal::Draining);
         }
-        self.admitted_total.fetch_add(1, Ordering::SeqCst);
+        self.admission.admitted();
         Ok(rx)
     }
 
-    /// Stops admission: later `submit`s are refused; admitted requests still run.
-    pub fn stop_admitting(&self) {
-        self.admitting.store(false, Ordering::SeqCst);
-    }
-
-    /// Requests admitted since start.
-    pub fn admitted_total(&self) -> usize {
-        self.admitted_total.load(Ordering::SeqCst)
-    }
-
-    /// Requests admitted and waiting for a batch.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
+    /// This queue's admission (draining stops it; the drain log reads its counts).
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 }
 
@@ -194,7 +152,7 @@ impl Engine {
 struct QueueOwner {
     rx: mpsc::UnboundedReceiver<Job>,
     queue: VecDeque<Job>,
-    waiting: Arc<AtomicUsize>,
+    admission: Admission,
     limits: BatchLimits,
     metrics: Arc<Metrics>,
     engine: Engine,
@@ -272,12 +230,6 @@ impl QueueOwner {
         }
     }
 
-    /// Leaves the queue: a request that was taken, cancelled or expired.
-    fn dequeued(&self) {
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.metrics.queue_depth.dec();
-    }
-
     /// Pops the requests of the next batch, answering cancelled and expired ones.
     fn take_batch(&mut self) -> Vec<Job> {
         let now = Instant::now();
@@ -286,14 +238,14 @@ impl QueueOwner {
         while let Some(job) = self.queue.front() {
             if job.reply.is_closed() {
                 let _ = self.queue.pop_front();
-                self.dequeued();
+                self.admission.dequeued();
                 self.metrics.count(Outcome::Cancelled);
                 debug!("dropped a request whose client went away");
                 continue;
             }
             if job.deadline <= now {
                 let job = self.queue.pop_front().expect("front exists");
-                self.dequeued();
+                self.admission.dequeued();
                 let _ = job.reply.send(Err(JobError::Timeout));
                 continue;
             }
@@ -312,7 +264,7 @@ impl QueueOwner {
                 break;
             }
             let job = self.queue.pop_front().expect("front exists");
-            self.dequeued();
+            self.admission.dequeued();
             inputs += n;
             longest = len;
             jobs.push(job);

@@ -5,6 +5,7 @@
 //! the queue and forms batches, `api` is the HTTP surface, `metrics` the contract's
 //! series, `serve` the process lifecycle, `profile` and `bench` the measurements.
 
+pub mod admission;
 pub mod api;
 pub mod batcher;
 pub mod bench;

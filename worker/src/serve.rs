@@ -120,23 +120,18 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         batcher_task,
         ..
     } = load(&config).await?;
-    let batcher = state.batcher.clone();
-    let stopping = batcher.clone();
+    let admission = state.batcher.admission().clone();
     let ready = state.ready.clone();
     serve_until_drained(
         config.addr,
         router(state),
         ready,
         config.drain_delay,
-        move || {
-            stopping.stop_admitting();
-            stopping.waiting()
-        },
+        admission.clone(),
     )
     .await?;
     // The router (and its batcher handles) is gone: the batcher ends once its queue is empty.
-    let admitted = batcher.admitted_total();
-    drop(batcher);
+    let admitted = admission.admitted_total();
     batcher_task.await.context("the batcher task panicked")?;
     // Every admitted request has been answered (or its client left): tests read this.
     info!(admitted, "drained; exiting");
@@ -145,14 +140,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 
 /// Serves `app` on `addr` until SIGTERM or SIGINT, then drains in the order the module
 /// doc gives: `ready` turns false, admission goes on for `drain_delay`, then
-/// `stop_admitting` (which returns the requests still waiting) closes admission and the
-/// server returns once every open request is answered. Shared by both tasks.
+/// `admission` closes and the server returns once every open request is answered.
+/// Shared by both tasks.
 pub(crate) async fn serve_until_drained(
     addr: SocketAddr,
     app: axum::Router,
     ready: Arc<AtomicBool>,
     drain_delay: Duration,
-    stop_admitting: impl FnOnce() -> usize + Send + 'static,
+    admission: crate::admission::Admission,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -169,7 +164,7 @@ pub(crate) async fn serve_until_drained(
             "termination requested: not ready, draining"
         );
         tokio::time::sleep(drain_delay).await;
-        let waiting = stop_admitting();
+        let waiting = admission.stop();
         info!(waiting, "admission stopped; finishing admitted requests");
         let _ = shutdown_tx.send(());
     });

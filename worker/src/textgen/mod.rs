@@ -129,22 +129,17 @@ pub async fn load(config: &TextServeConfig) -> anyhow::Result<LoadedText> {
 /// Serves until SIGTERM, then drains as the embeddings task does (see `serve`).
 pub async fn serve(config: TextServeConfig) -> anyhow::Result<()> {
     let LoadedText { state, engine, .. } = load(&config).await?;
-    let generator = state.generator.clone();
-    let stopping = generator.clone();
+    let admission = state.generator.admission().clone();
     let ready = state.ready.clone();
     crate::serve::serve_until_drained(
         config.addr,
         api::router(state),
         ready,
         config.drain_delay,
-        move || {
-            stopping.stop_admitting();
-            stopping.waiting()
-        },
+        admission.clone(),
     )
     .await?;
-    let admitted = generator.admitted_total();
-    drop(generator);
+    let admitted = admission.admitted_total();
     tokio::task::spawn_blocking(move || engine.join())
         .await
         .context("failed to wait for the engine")?

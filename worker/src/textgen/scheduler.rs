@@ -9,7 +9,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -18,7 +17,7 @@ use tracing::{debug, error, info};
 use super::model::{Gemma3, Sequence, to_vec};
 use super::sampling::{Sampler, SamplingParams};
 use super::tokenizer::{Detokenizer, GemmaTokenizer};
-use crate::batcher::Refusal;
+use crate::admission::{Admission, Refusal};
 use crate::metrics::{Metrics, Outcome};
 
 #[derive(Debug, Clone)]
@@ -98,9 +97,7 @@ struct Running {
 #[derive(Clone)]
 pub struct Generator {
     tx: std::sync::mpsc::Sender<Admitted>,
-    waiting: Arc<AtomicUsize>,
-    admitting: Arc<AtomicBool>,
-    admitted_total: Arc<AtomicUsize>,
+    admission: Admission,
     limits: GenLimits,
     metrics: Arc<Metrics>,
 }
@@ -113,14 +110,17 @@ impl Generator {
         metrics: Arc<Metrics>,
     ) -> (Self, std::thread::JoinHandle<()>) {
         let (tx, rx) = std::sync::mpsc::channel();
-        let waiting = Arc::new(AtomicUsize::new(0));
+        // The queue depth and the waiting sequences are the same count.
+        let gauges = std::iter::once(metrics.queue_depth.clone())
+            .chain(metrics.generation.as_ref().map(|g| g.waiting.clone()));
+        let admission = Admission::new(limits.max_queue, gauges);
         let engine = Engine {
             model,
             tokenizer,
             rx,
             queue: VecDeque::new(),
             running: Vec::new(),
-            waiting: waiting.clone(),
+            admission: admission.clone(),
             limits: limits.clone(),
             metrics: metrics.clone(),
         };
@@ -130,9 +130,7 @@ impl Generator {
             .expect("failed to spawn the generation thread");
         let handle = Generator {
             tx,
-            waiting,
-            admitting: Arc::new(AtomicBool::new(true)),
-            admitted_total: Arc::new(AtomicUsize::new(0)),
+            admission,
             limits,
             metrics,
         };
@@ -141,23 +139,8 @@ impl Generator {
 
     /// Admits a request or refuses it at once. Dropping the receiver cancels it.
     pub fn submit(&self, req: GenRequest) -> Result<UnboundedReceiver<GenEvent>, Refusal> {
-        if !self.admitting.load(Ordering::SeqCst) {
-            return Err(Refusal::Draining);
-        }
-        let max = self.limits.max_queue;
-        if let Err(n) = self
-            .waiting
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < max).then_some(n + 1)
-            })
-        {
-            return Err(Refusal::QueueFull(n));
-        }
-        self.metrics.queue_depth.inc();
+        self.admission.reserve()?;
         self.metrics.in_flight.inc();
-        if let Some(g) = &self.metrics.generation {
-            g.waiting.inc();
-        }
         let (events, rx) = unbounded_channel();
         let now = Instant::now();
         let job = Admitted {
@@ -167,28 +150,17 @@ impl Generator {
             deadline: now + self.limits.request_timeout,
         };
         if self.tx.send(job).is_err() {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.metrics.queue_depth.dec();
+            self.admission.unreserve();
             self.metrics.in_flight.dec();
-            if let Some(g) = &self.metrics.generation {
-                g.waiting.dec();
-            }
             return Err(Refusal::Draining);
         }
-        self.admitted_total.fetch_add(1, Ordering::SeqCst);
+        self.admission.admitted();
         Ok(rx)
     }
 
-    pub fn stop_admitting(&self) {
-        self.admitting.store(false, Ordering::SeqCst);
-    }
-
-    pub fn admitted_total(&self) -> usize {
-        self.admitted_total.load(Ordering::SeqCst)
-    }
-
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
+    /// This queue's admission (draining stops it; the drain log reads its counts).
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 }
 
@@ -198,7 +170,7 @@ struct Engine {
     rx: std::sync::mpsc::Receiver<Admitted>,
     queue: VecDeque<Admitted>,
     running: Vec<Running>,
-    waiting: Arc<AtomicUsize>,
+    admission: Admission,
     limits: GenLimits,
     metrics: Arc<Metrics>,
 }
@@ -225,14 +197,6 @@ impl Engine {
         info!("generation engine stopped: no more requests can arrive and none is left");
     }
 
-    fn dequeued(&self) {
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.metrics.queue_depth.dec();
-        if let Some(g) = &self.metrics.generation {
-            g.waiting.dec();
-        }
-    }
-
     /// Ends a request: counts its outcome and leaves in-flight.
     fn ended(&self, outcome: Outcome, admitted: Instant) {
         self.metrics.count(outcome);
@@ -250,7 +214,7 @@ impl Engine {
             let Some(job) = self.queue.pop_front() else {
                 break;
             };
-            self.dequeued();
+            self.admission.dequeued();
             if job.events.is_closed() {
                 debug!("dropped a request whose client went away");
                 self.ended(Outcome::Cancelled, job.admitted);

@@ -263,6 +263,36 @@ struct Layer {
 }
 
 impl Layer {
+    /// The attention inputs of `b` rows of `t` positions (`x` is (b, t, hidden)):
+    /// q (b, heads, t, d) and k (b, kv, t, d) after their norms, before RoPE, and
+    /// v (b, t, kv, d), the cache's layout.
+    fn qkv(&self, c: &GemmaConfig, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let h = self.attn_norm.forward(x)?;
+        let q = self.q.forward(&h)?.reshape((b, t, c.heads, c.head_dim))?;
+        let k = self
+            .k
+            .forward(&h)?
+            .reshape((b, t, c.kv_heads, c.head_dim))?;
+        let v = self
+            .v
+            .forward(&h)?
+            .reshape((b, t, c.kv_heads, c.head_dim))?;
+        let q = self.q_norm.forward(&q.transpose(1, 2)?)?;
+        let k = self.k_norm.forward(&k.transpose(1, 2)?)?;
+        Ok((q, k, v))
+    }
+
+    /// The rest of the layer after attention: the output projection and the MLP, each
+    /// normed and added to the residual stream `x`.
+    fn finish(&self, x: Tensor, attention: &Tensor) -> Result<Tensor> {
+        let x = (x + self.post_attn_norm.forward(&self.o.forward(attention)?)?)?;
+        let m = self
+            .post_ffn_norm
+            .forward(&self.mlp(&self.ffn_norm.forward(&x)?)?)?;
+        x + m
+    }
+
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         let gate = gelu(&self.gate.forward(x)?)?;
         let up = self.up.forward(x)?;
@@ -450,33 +480,13 @@ impl Gemma3 {
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let group = c.heads / c.kv_heads;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn_norm.forward(&x)?;
-            let q = layer
-                .q
-                .forward(&h)?
-                .reshape((1, t, c.heads, c.head_dim))?
-                .transpose(1, 2)?;
-            let k = layer
-                .k
-                .forward(&h)?
-                .reshape((1, t, c.kv_heads, c.head_dim))?
-                .transpose(1, 2)?;
-            let v = layer
-                .v
-                .forward(&h)?
-                .reshape((1, t, c.kv_heads, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = self
-                .rope(layer)
-                .apply_range(&layer.q_norm.forward(&q)?, start)?;
-            let k = self
-                .rope(layer)
-                .apply_range(&layer.k_norm.forward(&k)?, start)?;
+            let (q, k, v) = layer.qkv(c, &x)?;
+            let q = self.rope(layer).apply_range(&q, start)?;
+            let k = self.rope(layer).apply_range(&k, start)?;
             // (1, kv, t, d) → rows of [kv][d] per position, appended to the cache.
             let row = c.kv_heads * c.head_dim;
             seq.keys[li].extend(k.transpose(1, 2)?.flatten_all()?.to_vec1::<f32>()?);
-            seq.values[li].extend(v.transpose(1, 2)?.flatten_all()?.to_vec1::<f32>()?);
+            seq.values[li].extend(v.flatten_all()?.to_vec1::<f32>()?);
             let total = start + t;
             let cached = |data: &[f32]| -> Result<Tensor> {
                 Tensor::from_slice(
@@ -511,11 +521,7 @@ impl Gemma3 {
                 .reshape((1, c.heads, t, c.head_dim))?
                 .transpose(1, 2)?
                 .reshape((1, t, c.heads * c.head_dim))?;
-            let out = layer.post_attn_norm.forward(&layer.o.forward(&out)?)?;
-            x = (x + out)?;
-            let h = layer.ffn_norm.forward(&x)?;
-            let m = layer.post_ffn_norm.forward(&layer.mlp(&h)?)?;
-            x = (x + m)?;
+            x = layer.finish(x, &out)?;
         }
         seq.len += t;
         let last = x.i((0, t - 1))?.unsqueeze(0)?;
@@ -563,24 +569,10 @@ impl Gemma3 {
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let group = c.heads / c.kv_heads;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn_norm.forward(&x)?;
-            let q = layer
-                .q
-                .forward(&h)?
-                .reshape((n, 1, c.heads, c.head_dim))?
-                .transpose(1, 2)?;
-            let k = layer
-                .k
-                .forward(&h)?
-                .reshape((n, 1, c.kv_heads, c.head_dim))?
-                .transpose(1, 2)?;
-            let v = layer
-                .v
-                .forward(&h)?
-                .reshape((n, c.kv_heads, 1, c.head_dim))?;
+            let (q, k, v) = layer.qkv(c, &x)?;
             let rope = self.rope(layer);
-            let q = rope.apply_rows(&layer.q_norm.forward(&q)?, &positions)?;
-            let k = rope.apply_rows(&layer.k_norm.forward(&k)?, &positions)?;
+            let q = rope.apply_rows(&q, &positions)?;
+            let k = rope.apply_rows(&k, &positions)?;
             // (n, heads, 1, d) and (n, kv, 1, d) as plain rows; attention per sequence
             // over its own cache, in Rust (a few µs each instead of ~20 tensor ops).
             let q = q.flatten_all()?.to_vec1::<f32>()?;
@@ -623,11 +615,7 @@ impl Gemma3 {
                 }
             }
             let out = Tensor::from_vec(out, (n, 1, c.heads * d), &self.device)?;
-            let out = layer.post_attn_norm.forward(&layer.o.forward(&out)?)?;
-            x = (x + out)?;
-            let h = layer.ffn_norm.forward(&x)?;
-            let m = layer.post_ffn_norm.forward(&layer.mlp(&h)?)?;
-            x = (x + m)?;
+            x = layer.finish(x, &out)?;
         }
         for s in seqs.iter_mut() {
             s.len += 1;

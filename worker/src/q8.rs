@@ -121,7 +121,8 @@ impl Q8Matrix {
     }
 
     /// Weight bytes as held (quants and f32 scales).
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.quants.len() + 4 * self.scales.len()
     }
 
@@ -172,7 +173,8 @@ impl Q8Matrix {
     }
 
     /// The same product in plain scalar code: the reference the tests compare with.
-    pub fn matmul_reference(&self, x: &[f32], m: usize, out: &mut [f32]) {
+    #[cfg(test)]
+    fn matmul_reference(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let blocks = self.k / BLOCK;
         for r in 0..m {
             let acts = quantize_row(&x[r * self.k..(r + 1) * self.k]);
@@ -195,6 +197,7 @@ impl Q8Matrix {
 }
 
 /// One row quantized per block: round-to-nearest-even of `x / d`, `d = max|x| / 127`.
+#[cfg(test)]
 fn quantize_row(x: &[f32]) -> Vec<([i8; BLOCK], f32)> {
     x.chunks_exact(BLOCK)
         .map(|block| {
@@ -210,7 +213,7 @@ fn quantize_row(x: &[f32]) -> Vec<([i8; BLOCK], f32)> {
         .collect()
 }
 
-/// Quantizes every row, 32 values at a time: the same arithmetic as [`quantize_row`]
+/// Quantizes every row, 32 values at a time: the same arithmetic as the tests' `quantize_row`
 /// (round to nearest even is the MXCSR default of `cvtps2dq`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]

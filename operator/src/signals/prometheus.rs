@@ -63,7 +63,18 @@ impl PrometheusSource {
 
     async fn read_all(&self, q: &SignalsQuery) -> Result<SignalsReading, SignalsError> {
         let queries = Queries::new(q);
-        let (workers, age, in_flight, waiting, arrivals, arrivals_short, ok, p95) = futures::try_join!(
+        let (
+            workers,
+            age,
+            in_flight,
+            waiting,
+            arrivals,
+            arrivals_short,
+            ok,
+            p95,
+            prompt_tokens,
+            generated_tokens,
+        ) = futures::try_join!(
             self.scalar(&queries.scraped_workers),
             self.scalar(&queries.sample_age),
             self.scalar(&queries.in_flight),
@@ -72,8 +83,6 @@ impl PrometheusSource {
             self.scalar(&queries.arrival_rate_short),
             self.scalar(&queries.throughput),
             self.scalar(&queries.p95_seconds),
-        )?;
-        let (prompt_tokens, generated_tokens) = futures::try_join!(
             self.optional(queries.prompt_tokens_per_request.as_deref()),
             self.optional(queries.generated_tokens_per_request.as_deref()),
         )?;

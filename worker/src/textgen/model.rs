@@ -145,12 +145,18 @@ fn own_q8_kernel() -> bool {
 }
 
 impl Proj {
+    /// The worker's kernel for a Q8_0 matrix, where the CPU runs it and the shape suits.
+    fn own(t: &QTensor) -> Result<Option<Self>> {
+        if t.dtype() != GgmlDType::Q8_0 || !own_q8_kernel() {
+            return Ok(None);
+        }
+        let (n, k) = t.shape().dims2()?;
+        Ok(Q8Matrix::from_q8_0(&t.data()?, n, k).map(Proj::Q8))
+    }
+
     fn plain(t: Arc<QTensor>) -> Result<Self> {
-        if t.dtype() == GgmlDType::Q8_0 && own_q8_kernel() {
-            let (n, k) = t.shape().dims2()?;
-            if let Some(m) = Q8Matrix::from_q8_0(&t.data()?, n, k) {
-                return Ok(Proj::Q8(m));
-            }
+        if let Some(own) = Self::own(&t)? {
+            return Ok(own);
         }
         Ok(Proj::Candle {
             mm: QMatMul::from_arc(t)?,
@@ -160,17 +166,11 @@ impl Proj {
 
     fn padded(t: Arc<QTensor>) -> Result<Self> {
         let (n, k) = t.shape().dims2()?;
-        if t.dtype() == GgmlDType::Q8_0
-            && own_q8_kernel()
-            && let Some(m) = Q8Matrix::from_q8_0(&t.data()?, n, k)
-        {
-            return Ok(Proj::Q8(m));
-        }
         if t.dtype() != GgmlDType::Q8_0 || k.is_multiple_of(FAST_K) {
-            return Ok(Proj::Candle {
-                mm: QMatMul::from_arc(t)?,
-                pad: 0,
-            });
+            return Self::plain(t);
+        }
+        if let Some(own) = Self::own(&t)? {
+            return Ok(own);
         }
         let kp = k.div_ceil(FAST_K) * FAST_K;
         let (block, bytes) = (GgmlDType::Q8_0.block_size(), GgmlDType::Q8_0.type_size());

@@ -23,7 +23,8 @@ pub struct LoadReport {
     pub latencies_ms: Vec<f64>,
     /// When each of those was sent, seconds since the start (same order).
     pub sent_at_s: Vec<f64>,
-    /// (seconds since start, status or 0 for a transport error) of every failure.
+    /// (seconds since start, status or 0 for a transport error, the body or the error)
+    /// of every failure.
     pub failures: Vec<(f64, u16, String)>,
 }
 
@@ -130,10 +131,15 @@ pub async fn run(
                 }
                 Ok(resp) if resp.status().as_u16() == 429 => r.rejected += 1,
                 Ok(resp) => {
-                    r.failed += 1;
+                    let at = start.elapsed().as_secs_f64();
                     let status = resp.status().as_u16();
-                    r.failures
-                        .push((start.elapsed().as_secs_f64(), status, String::new()));
+                    drop(r);
+                    // The body says which part refused it (the worker's error type).
+                    let mut body = resp.text().await.unwrap_or_default();
+                    body.truncate(300);
+                    let mut r = report.lock().await;
+                    r.failed += 1;
+                    r.failures.push((at, status, body));
                 }
                 Err(e) => {
                     r.failed += 1;

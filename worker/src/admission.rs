@@ -1,10 +1,9 @@
 //! Bounded admission, shared by both tasks' queues (the embeddings batcher and the
-//! text-generation scheduler): the admitting flag that draining turns off, the count of
-//! requests waiting (bounded by `max_queue`, mirrored in the queue-depth gauges), and the
+//! text-generation scheduler): the count of requests waiting (bounded by `max_queue`, mirrored in the queue-depth gauges), and the
 //! total admitted since start that the drain log reports.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -13,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 pub enum Refusal {
     #[error("the queue is full ({0} requests waiting)")]
     QueueFull(usize),
+    /// The queue's consumer is gone: the worker is shutting down.
     #[error("the worker is shutting down")]
     Draining,
 }
@@ -20,7 +20,6 @@ pub enum Refusal {
 /// A cloneable view of one queue's admission; every clone sees the same counts.
 #[derive(Clone)]
 pub struct Admission {
-    admitting: Arc<AtomicBool>,
     waiting: Arc<AtomicUsize>,
     admitted_total: Arc<AtomicUsize>,
     max_queue: usize,
@@ -29,10 +28,9 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Admission open, nothing waiting; each of `gauges` follows the waiting count.
+    /// Nothing waiting; each of `gauges` follows the waiting count.
     pub fn new(max_queue: usize, gauges: impl IntoIterator<Item = Gauge>) -> Self {
         Admission {
-            admitting: Arc::new(AtomicBool::new(true)),
             waiting: Arc::new(AtomicUsize::new(0)),
             admitted_total: Arc::new(AtomicUsize::new(0)),
             max_queue,
@@ -44,9 +42,6 @@ impl Admission {
     /// [`Admission::dequeued`] once the request leaves the queue, or by
     /// [`Admission::unreserve`] if it never reached it.
     pub fn reserve(&self) -> Result<(), Refusal> {
-        if !self.admitting.load(Ordering::SeqCst) {
-            return Err(Refusal::Draining);
-        }
         self.waiting
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < self.max_queue).then_some(n + 1)
@@ -76,13 +71,6 @@ impl Admission {
         });
     }
 
-    /// Stops admission: later requests are refused; admitted ones still run. Returns
-    /// the requests still waiting.
-    pub fn stop(&self) -> usize {
-        self.admitting.store(false, Ordering::SeqCst);
-        self.waiting()
-    }
-
     /// Requests admitted since start.
     pub fn admitted_total(&self) -> usize {
         self.admitted_total.load(Ordering::SeqCst)
@@ -99,7 +87,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn admission_is_bounded_counted_and_closed_by_stop() {
+    fn admission_is_bounded_and_counted() {
         let depth = Gauge::default();
         let a = Admission::new(2, [depth.clone()]);
         assert_eq!(a.reserve(), Ok(()));
@@ -109,8 +97,7 @@ mod tests {
         assert_eq!((a.waiting(), depth.get()), (2, 2));
         a.unreserve(); // the second never reached the queue
         assert_eq!((a.waiting(), a.admitted_total(), depth.get()), (1, 1, 1));
-        assert_eq!(a.clone().stop(), 1);
-        assert_eq!(a.reserve(), Err(Refusal::Draining));
+        assert_eq!(a.clone().waiting(), 1, "clones share the counts");
         a.dequeued();
         assert_eq!((a.waiting(), depth.get()), (0, 0));
     }

@@ -107,7 +107,7 @@ impl Batcher {
         Ok(rx)
     }
 
-    /// This queue's admission (draining stops it; the drain log reads its counts).
+    /// This queue's admission (the drain log reads its counts).
     pub fn admission(&self) -> &Admission {
         &self.admission
     }

@@ -14,11 +14,13 @@ pub struct HttpClient {
     inner: Client<HttpConnector, Full<Bytes>>,
 }
 
-/// A response: status, the Retry-After header if any, and the body.
+/// A response: status, the Retry-After header if any, whether the server closes the
+/// connection after it, and the body.
 #[derive(Debug)]
 pub struct Reply {
     pub status: StatusCode,
     pub retry_after: Option<String>,
+    pub closes_connection: bool,
     pub body: Bytes,
 }
 
@@ -56,10 +58,15 @@ impl HttpClient {
             .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let closes_connection = response
+            .headers()
+            .get(header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         let body = response.into_body().collect().await?.to_bytes();
         Ok(Reply {
             status,
             retry_after,
+            closes_connection,
             body,
         })
     }

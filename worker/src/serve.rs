@@ -1,8 +1,12 @@
 //! `kestrel-worker serve`: load, warm, serve, and drain on SIGTERM.
 //!
-//! Drain order: `/ready` turns false at once; requests are still admitted for the drain
-//! delay (while endpoint removal propagates); then admission stops, the listener
-//! closes, admitted requests finish, and the process exits 0.
+//! Drain order: `/ready` turns false at once; requests are still served for the drain
+//! delay (while endpoint removal propagates), each answer with `Connection: close` so
+//! that keep-alive clients reconnect through the Service to a pod that stays; then the
+//! listener closes, idle connections close, every request already read is answered,
+//! and the process exits 0. A request that reached the worker is never refused for
+//! draining: behind kube-proxy, a pooled connection keeps reaching a terminating pod
+//! after its endpoint is gone, and a 503 there is a failed request for the client.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -139,9 +143,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 }
 
 /// Serves `app` on `addr` until SIGTERM or SIGINT, then drains in the order the module
-/// doc gives: `ready` turns false, admission goes on for `drain_delay`, then
-/// `admission` closes and the server returns once every open request is answered.
-/// Shared by both tasks.
+/// doc gives: `ready` turns false, requests are served (and their connections closed)
+/// for `drain_delay`, then the server stops reading new requests and returns once every
+/// open one is answered. `admission` gives the drain log its counts. Shared by both
+/// tasks.
 pub(crate) async fn serve_until_drained(
     addr: SocketAddr,
     app: axum::Router,
@@ -155,6 +160,21 @@ pub(crate) async fn serve_until_drained(
     let addr = listener.local_addr()?;
     info!(%addr, "listening");
 
+    let closing = ready.clone();
+    let app = app.layer(axum::middleware::map_response(
+        move |mut response: axum::response::Response| {
+            let draining = !closing.load(Ordering::SeqCst);
+            async move {
+                if draining {
+                    response.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
+                response
+            }
+        },
+    ));
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let drain = tokio::spawn(async move {
         wait_for_termination().await;
@@ -164,8 +184,10 @@ pub(crate) async fn serve_until_drained(
             "termination requested: not ready, draining"
         );
         tokio::time::sleep(drain_delay).await;
-        let waiting = admission.stop();
-        info!(waiting, "admission stopped; finishing admitted requests");
+        info!(
+            waiting = admission.waiting(),
+            "closing the listener; answering the requests already read"
+        );
         let _ = shutdown_tx.send(());
     });
     let served = axum::serve(listener, app)

@@ -288,6 +288,7 @@ async fn sigterm_under_load_loses_no_admitted_request() {
         tokio::spawn(async move {
             let c = HttpClient::new();
             let (mut ok, mut refused, mut lost) = (0, 0, Vec::new());
+            let mut told_to_reconnect = false;
             while Instant::now() < stop_at {
                 match c
                     .post_json(
@@ -296,13 +297,12 @@ async fn sigterm_under_load_loses_no_admitted_request() {
                     )
                     .await
                 {
-                    Ok(r) if r.status == 200 => ok += 1,
-                    // Refused at admission (draining): never admitted, so not lost; a
-                    // client told to go away goes (as a load balancer would).
-                    Ok(r) if r.status == 503 || r.status == 429 => {
-                        refused += 1;
-                        break;
+                    Ok(r) if r.status == 200 => {
+                        ok += 1;
+                        told_to_reconnect |= r.closes_connection;
                     }
+                    // A draining worker never refuses a request it read: behind a
+                    // Service, that 503 is a failed request for the client.
                     Ok(r) => lost.push(format!("status {}", r.status)),
                     Err(e) => {
                         // After the listener closes, new connections are refused: not admitted.
@@ -316,7 +316,7 @@ async fn sigterm_under_load_loses_no_admitted_request() {
                     }
                 }
             }
-            (ok, refused, lost)
+            (ok, refused, lost, told_to_reconnect)
         })
     });
     let clients: Vec<_> = clients.collect();
@@ -334,6 +334,10 @@ async fn sigterm_under_load_loses_no_admitted_request() {
         .await
         .unwrap();
     assert_eq!(ready.status.as_u16(), 503);
+    assert!(
+        ready.closes_connection,
+        "a draining worker closes each connection after its answer"
+    );
     let log = w.log.clone();
     let status = tokio::task::spawn_blocking(move || w.wait())
         .await
@@ -341,12 +345,13 @@ async fn sigterm_under_load_loses_no_admitted_request() {
         .unwrap();
     // The stderr reader may lag the exit by a moment.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (mut ok, mut refused, mut lost) = (0, 0, Vec::new());
+    let (mut ok, mut refused, mut lost, mut reconnecting) = (0, 0, Vec::new(), 0);
     for c in futures::future::join_all(clients).await {
-        let (o, r, l) = c.unwrap();
+        let (o, r, l, told) = c.unwrap();
         ok += o;
         refused += r;
         lost.extend(l);
+        reconnecting += usize::from(told);
     }
     let admitted: usize = log
         .lock()
@@ -363,6 +368,14 @@ async fn sigterm_under_load_loses_no_admitted_request() {
     );
     assert!(status.success(), "exit status {status}");
     assert!(ok > 16, "requests were served during the drain delay: {ok}");
+    assert_eq!(
+        reconnecting, 16,
+        "every keep-alive client was told to reconnect during the drain delay"
+    );
+    assert!(
+        !lost.iter().any(|l| l.starts_with("status")),
+        "a draining worker answered a request with an error: {lost:?}"
+    );
     // Every admitted request reached its client as a 200. Other failures can only be
     // requests written to a keep-alive connection as the server closed it: never admitted.
     assert_eq!(

@@ -158,7 +158,7 @@ impl Generator {
         Ok(rx)
     }
 
-    /// This queue's admission (draining stops it; the drain log reads its counts).
+    /// This queue's admission (the drain log reads its counts).
     pub fn admission(&self) -> &Admission {
         &self.admission
     }

@@ -6,6 +6,7 @@
 
 mod candle_bert;
 mod onnx;
+mod q8_bert;
 mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::str::FromStr;
 
 pub use candle_bert::CandleBert;
 pub use onnx::{OnnxBert, OrtLibrary};
+pub use q8_bert::Q8Bert;
 pub use tokenizer::{Encoded, LongInput, TextTokenizer};
 
 /// Name of the model this crate serves (the only one it knows how to load).
@@ -199,6 +201,9 @@ pub enum BackendKind {
     Candle,
     /// ONNX Runtime, from `onnx/*.onnx`.
     Onnx,
+    /// The worker's own int8 BERT on its Q8_0 kernel (CPU with AVX512-VNNI), from
+    /// `model.safetensors`.
+    Native,
 }
 
 impl FromStr for BackendKind {
@@ -207,7 +212,8 @@ impl FromStr for BackendKind {
         match s {
             "candle" => Ok(BackendKind::Candle),
             "onnx" => Ok(BackendKind::Onnx),
-            other => Err(format!("unknown backend {other:?} (candle, onnx)")),
+            "native" => Ok(BackendKind::Native),
+            other => Err(format!("unknown backend {other:?} (candle, onnx, native)")),
         }
     }
 }
@@ -217,6 +223,7 @@ impl BackendKind {
         match self {
             BackendKind::Candle => "candle",
             BackendKind::Onnx => "onnx",
+            BackendKind::Native => "native",
         }
     }
 }
@@ -230,8 +237,10 @@ pub struct VariantSpec {
 }
 
 impl VariantSpec {
-    /// Resolves a variant name. `backend` forces a backend; otherwise f32 and int8 run
-    /// on ONNX Runtime on CPU (the faster engine here) and on candle elsewhere.
+    /// Resolves a variant name. `backend` forces a backend; otherwise int8 runs on the
+    /// worker's own kernel where the CPU has AVX512-VNNI ([`Q8Bert`]) and on ONNX
+    /// Runtime elsewhere, f32 on ONNX Runtime on CPU (the faster engine here), and the
+    /// rest on candle.
     pub fn resolve(
         name: &str,
         backend: Option<BackendKind>,
@@ -246,6 +255,9 @@ impl VariantSpec {
             other => return Err(EngineError::UnknownVariant(other.to_string())),
         };
         let default_backend = match (precision, device) {
+            (Precision::Int8, Device::Cpu) if crate::q8::Q8Matrix::supported() => {
+                BackendKind::Native
+            }
             (Precision::Int8, _) => BackendKind::Onnx,
             (Precision::F32, Device::Cpu) => BackendKind::Onnx,
             _ => BackendKind::Candle,
@@ -257,13 +269,15 @@ impl VariantSpec {
                 BackendKind::Candle,
                 Precision::F32 | Precision::F16 | Precision::Bf16
             ) | (BackendKind::Onnx, Precision::F32 | Precision::Int8)
+                | (BackendKind::Native, Precision::Int8)
         );
-        if backend == BackendKind::Onnx && device != Device::Cpu {
+        if backend != BackendKind::Candle && device != Device::Cpu {
             return Err(EngineError::Backend {
                 backend: backend.as_str(),
                 message: format!(
-                    "variant {name} runs on ONNX Runtime, which this worker runs on CPU only \
-                     (on {device} serve f32, f16 or bf16)"
+                    "variant {name} runs on the {} backend, which this worker runs on CPU \
+                     only (on {device} serve f32, f16 or bf16)",
+                    backend.as_str()
                 ),
             });
         }
@@ -399,6 +413,7 @@ pub fn load_backend(
             variant.precision,
             options.device.candle()?,
         )?)),
+        BackendKind::Native => Ok(Box::new(Q8Bert::load(model_dir)?)),
         BackendKind::Onnx => {
             let path = model_dir.join(ONNX_DIR).join(variant.onnx_file());
             if !path.is_file() {
@@ -475,6 +490,17 @@ mod tests {
         let c = VariantSpec::resolve("f32", Some(BackendKind::Candle), Device::Cpu).unwrap();
         assert_eq!(c.backend, BackendKind::Candle);
         assert!(VariantSpec::resolve("int8", Some(BackendKind::Candle), Device::Cpu).is_err());
+        let int8 = VariantSpec::resolve("q8_0", None, Device::Cpu).unwrap();
+        let native = crate::q8::Q8Matrix::supported();
+        assert_eq!(
+            int8.backend,
+            if native {
+                BackendKind::Native
+            } else {
+                BackendKind::Onnx
+            }
+        );
+        assert!(VariantSpec::resolve("f32", Some(BackendKind::Native), Device::Cpu).is_err());
         assert!(VariantSpec::resolve("q4", None, Device::Cpu).is_err());
         let gpu = VariantSpec::resolve("f32", None, Device::Cuda(0)).unwrap();
         assert_eq!(gpu.backend, BackendKind::Candle);

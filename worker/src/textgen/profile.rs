@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use super::model::{Gemma3, argmax, to_vec};
+use super::model::{Gemma3, argmax, to_vec, with_values};
 use super::quality::logits_cosines;
 use super::{MODEL_NAME, load_model};
 use crate::profile::{
@@ -47,11 +47,12 @@ fn decode_point(model: &Gemma3, n: usize, steps: usize) -> anyhow::Result<BatchP
     for _ in 0..steps {
         let mut refs: Vec<&mut _> = seqs.iter_mut().collect();
         let logits = model.decode(&mut refs, &next)?;
-        let flat = logits.flatten_all()?.to_vec1::<f32>()?;
-        let vocab = flat.len() / n;
-        for (i, t) in next.iter_mut().enumerate() {
-            *t = argmax(&flat[i * vocab..(i + 1) * vocab]);
-        }
+        with_values(&logits, |flat| {
+            let vocab = flat.len() / n;
+            for (i, t) in next.iter_mut().enumerate() {
+                *t = argmax(&flat[i * vocab..(i + 1) * vocab]);
+            }
+        })?;
     }
     let step = started.elapsed().as_secs_f64() / steps as f64;
     Ok(BatchPoint {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tracing::{debug, error, info};
 
-use super::model::{Gemma3, Sequence, to_vec};
+use super::model::{Gemma3, Sequence, to_vec, with_values};
 use super::sampling::{Sampler, SamplingParams};
 use super::tokenizer::{Detokenizer, GemmaTokenizer};
 use crate::admission::{Admission, Refusal};
@@ -294,12 +294,22 @@ impl Engine {
         let result = {
             let mut seqs: Vec<&mut Sequence> =
                 self.running.iter_mut().map(|r| &mut r.seq).collect();
-            self.model
-                .decode(&mut seqs, &tokens)
-                .and_then(|l| l.flatten_all().and_then(|f| f.to_vec1::<f32>()))
+            self.model.decode(&mut seqs, &tokens)
         };
-        let logits = match result {
-            Ok(l) => l,
+        // Each sequence draws its next token from its row of the logits, read in place.
+        let running = &mut self.running;
+        let drawn = result.and_then(|logits| {
+            with_values(&logits, |logits| {
+                let vocab = logits.len() / tokens.len();
+                running
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, r)| r.sampler.sample(&logits[i * vocab..(i + 1) * vocab]))
+                    .collect::<Vec<u32>>()
+            })
+        });
+        let drawn = match drawn {
+            Ok(d) => d,
             Err(e) => {
                 error!(error = %e, sequences = tokens.len(), "decode step failed");
                 for r in self.running.drain(..) {
@@ -310,12 +320,9 @@ impl Engine {
                 return;
             }
         };
-        let vocab = logits.len() / tokens.len();
         let mut running = std::mem::take(&mut self.running);
         let mut keep = Vec::with_capacity(running.len());
-        for (i, mut r) in running.drain(..).enumerate() {
-            let row = &logits[i * vocab..(i + 1) * vocab];
-            let id = r.sampler.sample(row);
+        for (mut r, id) in running.drain(..).zip(drawn) {
             r.next = id;
             if self.emit(&mut r, id) {
                 keep.push(r);

@@ -44,7 +44,7 @@ pub struct Q8Matrix {
     quants: Vec<u8>,
     /// Per column tile and block, the 16 columns' scales.
     scales: Vec<f32>,
-    /// `Wᵀ` (`k × n`) in f16, for input channels taken unquantized ([`Fused::outliers`]);
+    /// `Wᵀ` (`k × n`) in f16, for input values taken unquantized ([`Fused::outliers_above`]);
     /// kept by [`Q8Matrix::from_f32`] only.
     exact: Vec<half::f16>,
 }
@@ -132,7 +132,7 @@ impl Q8Matrix {
 
     /// Quantizes f32 weights (`n` rows of `k` values, row-major) as Q8_0 does, one
     /// scale per 32 values (`max|w| / 127`, kept in f32 rather than rounded to f16), and
-    /// keeps them transposed in f16 for [`Fused::outliers`] (2 bytes per weight more).
+    /// keeps them transposed in f16 for [`Fused::outliers_above`] (2 bytes per weight more).
     /// `None` when the shape does not suit the kernel or `w` has the wrong size.
     pub fn from_f32(w: &[f32], n: usize, k: usize) -> Option<Self> {
         if k == 0 || !k.is_multiple_of(BLOCK) || n == 0 || !n.is_multiple_of(COLS) {

@@ -121,30 +121,36 @@ pub async fn run(
                 .send()
                 .await;
             let ms = sent.elapsed().as_secs_f64() * 1000.0;
+            let at = start.elapsed().as_secs_f64();
+            // A failure's body says which part refused it (the worker's error type).
+            let outcome = match result {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let mut body = String::new();
+                    if !matches!(status, 200 | 429) {
+                        body = resp.text().await.unwrap_or_default();
+                        body.truncate(300);
+                    }
+                    Ok((status, body))
+                }
+                Err(e) => Err(e.to_string()),
+            };
             let mut r = report.lock().await;
             r.sent += 1;
-            match result {
-                Ok(resp) if resp.status().as_u16() == 200 => {
+            match outcome {
+                Ok((200, _)) => {
                     r.ok += 1;
                     r.latencies_ms.push(ms);
                     r.sent_at_s.push((sent - start).as_secs_f64());
                 }
-                Ok(resp) if resp.status().as_u16() == 429 => r.rejected += 1,
-                Ok(resp) => {
-                    let at = start.elapsed().as_secs_f64();
-                    let status = resp.status().as_u16();
-                    drop(r);
-                    // The body says which part refused it (the worker's error type).
-                    let mut body = resp.text().await.unwrap_or_default();
-                    body.truncate(300);
-                    let mut r = report.lock().await;
+                Ok((429, _)) => r.rejected += 1,
+                Ok((status, body)) => {
                     r.failed += 1;
                     r.failures.push((at, status, body));
                 }
                 Err(e) => {
                     r.failed += 1;
-                    r.failures
-                        .push((start.elapsed().as_secs_f64(), 0, e.to_string()));
+                    r.failures.push((at, 0, e));
                 }
             }
             drop(permit);

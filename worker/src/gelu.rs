@@ -5,6 +5,8 @@
 //! candle 0.11 computes them with a libm call per value (`tanh`: 7 % of a 16-sequence
 //! Gemma decode step).
 
+use crate::vector::exp;
+
 /// GELU in place.
 pub fn gelu_tanh(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -49,15 +51,10 @@ fn gelu_erf_avx512(xs: &mut [f32]) {
     gelu_erf_portable(xs);
 }
 
-/// [`gelu_erf`] inlined into its caller, for a caller compiled for AVX-512 (the Q8_0
-/// kernel's epilogue).
+/// [`gelu_erf`]'s body, inlined into its caller: vectorized where the caller is compiled
+/// for AVX-512 (the Q8_0 kernel's epilogue calls it directly).
 #[inline(always)]
-pub(crate) fn gelu_erf_inline(xs: &mut [f32]) {
-    gelu_erf_portable(xs);
-}
-
-#[inline(always)]
-fn gelu_erf_portable(xs: &mut [f32]) {
+pub(crate) fn gelu_erf_portable(xs: &mut [f32]) {
     for x in xs.iter_mut() {
         let v = *x;
         // Φ(v) = ½ (1 + erf(v / √2)) with erf from Abramowitz & Stegun 7.1.26
@@ -73,80 +70,43 @@ fn gelu_erf_portable(xs: &mut [f32]) {
     }
 }
 
-/// [`exp`] for callers compiled for AVX-512 (attention's softmax), where it vectorizes.
-#[inline(always)]
-pub(crate) fn exp_inline(x: f32) -> f32 {
-    exp(x)
-}
-
-/// e^x to ~2e-7 relative: 2^i · 2^f with |f| ≤ ½ and a degree-7 Taylor series of 2^f.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    let t = x.clamp(-87.0, 88.0) * std::f32::consts::LOG2_E;
-    let i = t.round_ties_even();
-    let f = (t - i) * std::f32::consts::LN_2;
-    let mut p = 1.0 / 5040.0;
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = p * f + c;
-    }
-    p * f32::from_bits(((i as i32 + 127) as u32) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn gelu_matches_candles_to_float_precision() {
+    /// `ours` against candle's `theirs` on [-10, 10] within `tolerance` (relative to
+    /// 1 + |value|), and saturation far out.
+    fn matches_candle(
+        ours: fn(&mut [f32]),
+        theirs: fn(&candle_core::Tensor) -> candle_core::Result<candle_core::Tensor>,
+        tolerance: f32,
+    ) {
         use candle_core::{Device, Tensor};
         let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 / 400.0).collect();
-        let theirs = Tensor::from_vec(xs.clone(), xs.len(), &Device::Cpu)
-            .unwrap()
-            .gelu()
+        let expected = theirs(&Tensor::from_vec(xs.clone(), xs.len(), &Device::Cpu).unwrap())
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let mut ours = xs.clone();
-        gelu_tanh(&mut ours);
-        for ((x, a), b) in xs.iter().zip(&ours).zip(&theirs) {
+        let mut got = xs.clone();
+        ours(&mut got);
+        for ((x, a), b) in xs.iter().zip(&got).zip(&expected) {
             assert!(
-                (a - b).abs() <= 2e-6 * (1.0 + b.abs()),
+                (a - b).abs() <= tolerance * (1.0 + b.abs()),
                 "gelu({x}) = {a}, candle {b}"
             );
         }
         let mut far = [-200.0f32, 200.0, 0.0];
-        gelu_tanh(&mut far);
+        ours(&mut far);
         assert_eq!(far, [-0.0, 200.0, 0.0]);
     }
 
     #[test]
+    fn gelu_matches_candles_to_float_precision() {
+        matches_candle(gelu_tanh, |t| t.gelu(), 2e-6);
+    }
+
+    #[test]
     fn exact_gelu_matches_candles_erf_form() {
-        use candle_core::{Device, Tensor};
-        let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 / 400.0).collect();
-        let theirs = Tensor::from_vec(xs.clone(), xs.len(), &Device::Cpu)
-            .unwrap()
-            .gelu_erf()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let mut ours = xs.clone();
-        gelu_erf(&mut ours);
-        for ((x, a), b) in xs.iter().zip(&ours).zip(&theirs) {
-            assert!(
-                (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
-                "gelu_erf({x}) = {a}, candle {b}"
-            );
-        }
-        let mut far = [-200.0f32, 200.0, 0.0];
-        gelu_erf(&mut far);
-        assert_eq!(far, [-0.0, 200.0, 0.0]);
+        matches_candle(gelu_erf, |t| t.gelu_erf(), 1e-6);
     }
 }

@@ -18,3 +18,4 @@ pub mod profile;
 pub mod q8;
 pub mod serve;
 pub mod textgen;
+mod vector;

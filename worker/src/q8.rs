@@ -431,7 +431,7 @@ unsafe fn tile<const R: usize>(ctx: &TileContext, r0: usize, t: usize, out: *mut
         unsafe { _mm512_storeu_ps(dst, *a) };
         if fused.gelu {
             // SAFETY: the 16 values just stored are this item's alone.
-            crate::gelu::gelu_erf_inline(unsafe { std::slice::from_raw_parts_mut(dst, COLS) });
+            crate::gelu::gelu_erf_portable(unsafe { std::slice::from_raw_parts_mut(dst, COLS) });
         }
     }
 }

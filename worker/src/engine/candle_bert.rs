@@ -119,14 +119,7 @@ impl CandleBert {
         precision: Precision,
         device: Device,
     ) -> Result<Self, EngineError> {
-        let config_path = model_dir.join("config.json");
-        let config: BertConfig = std::fs::read_to_string(&config_path)
-            .map_err(|e| e.to_string())
-            .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
-            .map_err(|message| EngineError::ModelFile {
-                path: config_path,
-                message,
-            })?;
+        let config: BertConfig = super::read_config(model_dir)?;
         let dtype = match precision {
             Precision::F32 => DType::F32,
             Precision::F16 => DType::F16,

@@ -431,6 +431,17 @@ pub fn load_backend(
     }
 }
 
+/// The model folder's `config.json` as `T` (each backend reads the fields it needs).
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
+    model_dir: &Path,
+) -> Result<T, EngineError> {
+    let path = model_dir.join("config.json");
+    std::fs::read_to_string(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+        .map_err(|message| EngineError::ModelFile { path, message })
+}
+
 /// Mean-pools `[rows, seq_len, dim]` hidden states over real tokens and L2-normalizes.
 pub(crate) fn mean_pool_normalize(hidden: &[f32], batch: &TokenBatch, dim: usize) -> Vec<Vec<f32>> {
     (0..batch.rows)

@@ -20,6 +20,7 @@ use candle_core::Tensor;
 
 use super::{EmbeddingBackend, EngineError, TokenBatch, normalize};
 use crate::q8::{Fused, Q8Matrix};
+use crate::vector::{dot, exp, sum};
 
 #[derive(Debug, serde::Deserialize)]
 struct BertConfig {
@@ -47,7 +48,7 @@ struct Linear {
 /// with its threshold): MiniLM's layer norms put a few channels (99, 223, 63 …) at
 /// 5–30 where the rest stay under ~2, and a block of 32 scaled for 30 leaves its other
 /// 31 values a step of 0.24 (min cosine 0.9981 with every value quantized, 0.9993
-/// with this split; 0–4 channels per product hold such values on the sentence set).
+/// with this split; docs/worker.md has how those were measured).
 const OUTLIER: f32 = 6.0;
 
 struct Layer {
@@ -153,14 +154,7 @@ impl Q8Bert {
                     .into(),
             });
         }
-        let config_path = model_dir.join("config.json");
-        let c: BertConfig = std::fs::read_to_string(&config_path)
-            .map_err(|e| e.to_string())
-            .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
-            .map_err(|message| EngineError::ModelFile {
-                path: config_path,
-                message,
-            })?;
+        let c: BertConfig = super::read_config(model_dir)?;
         let path = model_dir.join("model.safetensors");
         let tensors =
             candle_core::safetensors::load(&path, &candle_core::Device::Cpu).map_err(|e| {
@@ -283,23 +277,35 @@ impl Q8Bert {
             layer.qkv.forward(&s.x, tokens, &mut s.qkv, None, false);
             s.ctx.resize(tokens * h, 0.0);
             attention(&s.qkv, starts, self.heads, h, &mut s.ctx);
-            let residual = Some(s.x.as_slice());
-            layer
-                .attn_out
-                .forward(&s.ctx, tokens, &mut s.sum, residual, false);
-            layer.attn_norm.apply(&mut s.sum, h);
-            std::mem::swap(&mut s.x, &mut s.sum);
+            add_and_norm(
+                &layer.attn_out,
+                &layer.attn_norm,
+                &s.ctx,
+                &mut s.x,
+                &mut s.sum,
+            );
             layer
                 .intermediate
                 .forward(&s.x, tokens, &mut s.mid, None, true);
-            let residual = Some(s.x.as_slice());
-            layer
-                .output
-                .forward(&s.mid, tokens, &mut s.sum, residual, false);
-            layer.out_norm.apply(&mut s.sum, h);
-            std::mem::swap(&mut s.x, &mut s.sum);
+            add_and_norm(&layer.output, &layer.out_norm, &s.mid, &mut s.x, &mut s.sum);
         }
     }
+}
+
+/// A sublayer's end: `x = norm(x + input · Wᵀ + b)`, written through `spare`.
+#[inline(always)]
+fn add_and_norm(
+    linear: &Linear,
+    norm: &Norm,
+    input: &[f32],
+    x: &mut Vec<f32>,
+    spare: &mut Vec<f32>,
+) {
+    let h = linear.weight.n();
+    let tokens = x.len() / h;
+    linear.forward(input, tokens, spare, Some(x.as_slice()), false);
+    norm.apply(spare, h);
+    std::mem::swap(x, spare);
 }
 
 impl Linear {
@@ -358,38 +364,6 @@ impl Norm {
             }
         }
     }
-}
-
-/// Lanes of the partial sums below: wide enough for one AVX-512 register.
-const LANES: usize = 16;
-
-#[inline(always)]
-fn sum(a: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = a.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        acc.iter_mut().zip(c).for_each(|(s, v)| *s += v);
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Self-attention of every sequence and head: `qkv` rows are `[q | k | v]` (`3·hidden`
@@ -473,9 +447,7 @@ unsafe fn attend(
             b.scores.iter_mut().zip(keys).for_each(|(s, k)| *s += q * k);
         }
         let max = b.scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        b.scores
-            .iter_mut()
-            .for_each(|s| *s = crate::gelu::exp_inline(*s - max));
+        b.scores.iter_mut().for_each(|s| *s = exp(*s - max));
         let inv = 1.0 / sum(&b.scores);
         // SAFETY: the caller's contract: this head's columns of row i are ours.
         let out = unsafe { std::slice::from_raw_parts_mut(ctx.add(i * h + col), hd) };

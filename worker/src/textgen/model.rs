@@ -585,7 +585,7 @@ impl Gemma3 {
                 seq.values[li].extend_from_slice(&v[i * row..(i + 1) * row]);
             }
             // Each sequence's visible positions, then every (sequence, head) on the
-            // compute threads: a 16-sequence step spent ~10 % of its time here on one.
+            // compute threads (on one thread, the other spun at the barrier meanwhile).
             let visible: Vec<(&[f32], &[f32], std::ops::Range<usize>)> = seqs
                 .iter()
                 .map(|seq| {
@@ -685,11 +685,15 @@ fn attend_portable(
     let key = |p: usize| &head.keys[p * row + offset..][..dim];
     let value = |p: usize| &head.values[p * row + offset..][..dim];
     scores.clear();
-    scores.extend(positions.clone().map(|p| dot(q, key(p)) * scale));
+    scores.extend(
+        positions
+            .clone()
+            .map(|p| crate::vector::dot(q, key(p)) * scale),
+    );
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for s in scores.iter_mut() {
-        *s = crate::gelu::exp_inline(*s - max);
+        *s = crate::vector::exp(*s - max);
         sum += *s;
     }
     out.fill(0.0);
@@ -699,27 +703,8 @@ fn attend_portable(
     }
 }
 
-/// Dot product in sixteen lanes (vectorizes without explicit SIMD).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// Runs `f` on a tensor's f32 values in place when it is a contiguous CPU f32 tensor
-/// (a 16-sequence step's logits are 16 MiB: copying them cost ~2 ms a step), else on
+/// (a 16-sequence step's logits are 16 MiB, copied every step before), else on
 /// a copy.
 pub fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     {

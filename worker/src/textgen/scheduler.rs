@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tracing::{debug, error, info};
 
-use super::model::{Gemma3, Sequence, to_vec, with_values};
+use super::model::{Gemma3, Sequence, with_values};
 use super::sampling::{Sampler, SamplingParams};
 use super::tokenizer::{Detokenizer, GemmaTokenizer};
 use crate::admission::{Admission, Refusal};
@@ -230,12 +230,14 @@ impl Engine {
                 .queue_wait
                 .observe((now - job.admitted).as_secs_f64());
             let mut seq = self.model.new_sequence();
-            let logits = self
+            let mut sampler = Sampler::new(job.req.sampling);
+            // The first token, drawn from the prompt pass's logits in place (as a step's).
+            let first = self
                 .model
                 .prefill(&mut seq, &job.req.prompt)
-                .and_then(|l| to_vec(&l));
-            let logits = match logits {
-                Ok(l) => l,
+                .and_then(|l| with_values(&l, |logits| sampler.sample(logits)));
+            let first = match first {
+                Ok(t) => t,
                 Err(e) => {
                     error!(error = %e, "prompt pass failed");
                     let _ = job.events.send(GenEvent::Failed(e.to_string()));
@@ -248,8 +250,6 @@ impl Engine {
             if let Some(g) = &self.metrics.generation {
                 g.prompt_tokens.inc_by(prompt_tokens as u64);
             }
-            let mut sampler = Sampler::new(job.req.sampling);
-            let first = sampler.sample(&logits);
             let mut r = Running {
                 seq,
                 events: job.events,

@@ -60,6 +60,23 @@ async fn metric(c: &HttpClient, w: &WorkerProcess, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} not in\n{text}"))
 }
 
+/// Waits until `series` reads `want`. The gauges follow each engine step, so an event
+/// can reach its client a moment before the step that sent it updates them.
+async fn metric_reaches(c: &HttpClient, w: &WorkerProcess, series: &str, want: f64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = metric(c, w, series).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {series}is {now} after 10 s, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_chat_streaming_and_refusals_follow_openai() {
     let w = start(&[]).await;
@@ -233,7 +250,7 @@ async fn sequences_batch_continuously_disconnects_cancel_and_the_queue_is_bounde
     // Two long streams fill both slots; they run together (one decode batch).
     let a = stream_some(&w, 200, 2).await;
     let b = stream_some(&w, 200, 2).await;
-    assert_eq!(metric(&c, &w, &running).await, 2.0);
+    metric_reaches(&c, &w, &running, 2.0, "both streams decode together").await;
     // A third waits (the queue holds one); a fourth is refused at once.
     let waiter = {
         let c = c.clone();
@@ -247,11 +264,8 @@ async fn sequences_batch_continuously_disconnects_cancel_and_the_queue_is_bounde
             .unwrap()
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&c, &w, &format!("{} ", names::WAITING_SEQUENCES)).await < 1.0 {
-        assert!(Instant::now() < deadline, "the third request never waited");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let waiting = format!("{} ", names::WAITING_SEQUENCES);
+    metric_reaches(&c, &w, &waiting, 1.0, "the third request waits").await;
     let r = c
         .post_json(
             &format!("{}/v1/completions", w.base_url),
@@ -270,31 +284,11 @@ async fn sequences_batch_continuously_disconnects_cancel_and_the_queue_is_bounde
         .expect("the waiting request runs once a slot frees")
         .unwrap();
     assert_eq!(answered.status.as_u16(), 200);
-    // The gauges follow each engine step: the answer can reach the client a moment
-    // before the step that sent it updates them.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let now_running = metric(&c, &w, &running).await;
-        if now_running == 1.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the other stream still runs, alone: running {now_running}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    metric_reaches(&c, &w, &running, 1.0, "the other stream still runs, alone").await;
     let cancelled = format!("{}{{outcome=\"cancelled\"}} ", names::REQUESTS_TOTAL);
     assert_eq!(metric(&c, &w, &cancelled).await, 1.0);
     drop(b);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&c, &w, &running).await > 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the second stream was never cancelled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    metric_reaches(&c, &w, &running, 0.0, "the second stream is cancelled").await;
     assert_eq!(metric(&c, &w, &cancelled).await, 2.0);
     assert_eq!(
         metric(&c, &w, &format!("{} ", names::KV_CACHE_USAGE)).await,

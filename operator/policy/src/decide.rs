@@ -22,10 +22,12 @@ use crate::memory::{DemandSample, PolicyMemory, Recommendation, SwitchCandidate}
 /// 3. Burst mode when requests in the system reach `burst_threshold` × their
 ///    stable-window mean (or the short-window rate that multiple of the stable rate)
 ///    and need more than the ready replicas: scale-down is held for a stable window.
+///    At its onset, and while the Ready fleet clears it within `backlog_drain_s`, the
+///    backlog is sized by the rate that clears it in that time.
 /// 4. Up at once; down only to the highest recommendation over
-///    `scale_down_delay_s`, removing at most `max_scale_down_fraction` per step
-///    (queue-depth and p95 recommendations made in burst mode are held by burst mode
-///    only).
+///    `scale_down_delay_s`, removing at most `max_scale_down_fraction` per step.
+///    What is remembered is the stable window's demand (its rate and its mean of
+///    requests in the system) and the p95's; in burst mode only the burst's rate.
 /// 5. No replicas added while pods are Pending as Unschedulable; max respected.
 /// 6. Variant: the cheapest allowed variant within the quality limit whose need fits
 ///    under max; a switch needs a `switch_min_saving` saving sustained for
@@ -111,19 +113,51 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
     } else {
         0.0
     };
-    let plans: Vec<Plan> = eligible
-        .iter()
-        .map(|v| plan(v, input, &mem, queue_rec, forecast_rate, speed))
-        .collect();
+    let demand = Demand {
+        queue_rec,
+        in_system,
+        stable_rate: s.arrival_rate,
+        forecast_rate,
+        speed,
+    };
+    // When a burst starts, its backlog is sized by the rate that clears it within
+    // `backlog_drain_s`, not at `queue_depth_per_replica` each: replicas started for a
+    // backlog the fleet drains before they are Ready only cost …
+    let plans_for = |bursting: bool| -> Vec<Plan> {
+        eligible
+            .iter()
+            .map(|v| plan(v, input, &mem, &demand, bursting))
+            .collect()
+    };
+    let (burst_plans, plain_plans) = (plans_for(true), plans_for(false));
     // Burst only when the jump needs more than the Ready replicas of the variant serving.
     let serving = current
-        .and_then(|c| plans.iter().find(|p| p.v.name == c.name))
-        .unwrap_or_else(|| cheapest_plan(&plans, max));
+        .and_then(|c| plain_plans.iter().find(|p| p.v.name == c.name))
+        .unwrap_or_else(|| cheapest_plan(&plain_plans, max));
     let burst_now = (concurrency_jump || rate_jump) && serving.now > ready_all;
     if burst_now {
         mem.burst_until = Some(now.plus(tuning.stable_window_s));
     }
     let in_burst = mem.burst_until.is_some_and(|t| t > now);
+    // … and for the rest of burst mode while the Ready fleet clears it that fast. A
+    // backlog that grows or shrinks slowly (a saturated fleet, clients that send as
+    // fast as they are answered) is demand, and the plain queue rule sizes it.
+    let ready_capacity: f64 = input
+        .fleet
+        .variants
+        .iter()
+        .filter_map(|(name, r)| {
+            let v = input.variants.iter().find(|v| &v.name == name)?;
+            Some(r.ready as f64 * v.capacity.items_per_second * speed)
+        })
+        .sum();
+    let headroom = ready_capacity - forecast_rate;
+    let drains = headroom > 0.0 && in_system / headroom <= tuning.backlog_drain_s;
+    let plans = if burst_now || (in_burst && drains) {
+        burst_plans
+    } else {
+        plain_plans
+    };
 
     // Variant choice.
     let best = cheapest_plan(&plans, max);
@@ -291,13 +325,21 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         _ => 0,
     };
     let rec = target.now.max(latency_rec);
-    // What a burst causes (its backlog, and the p95 its backlog inflates) is held by
-    // burst mode (a stable window), not by the scale-down delay: once drained it says
-    // nothing about sustained demand, which the rate recommendation tracks.
+    // What the scale-down delay holds. A burst's backlog, and the p95 it inflates, is
+    // held by burst mode (a stable window) only: once drained it says nothing about
+    // sustained demand, which the burst's arrival rate does. Outside a burst: the
+    // stable window's rate and requests in the system, and the p95. The short-window
+    // readings scale up at once, but held for the delay they would keep the fleet at
+    // the highest of thirty noisy readings.
     let remembered = if in_burst {
         target.rate_rec.max(min)
     } else {
-        rec
+        let queue_stable = ceil_u32(stable_mean / target_q);
+        target
+            .stable_rec
+            .max(queue_stable)
+            .max(latency_rec)
+            .max(min)
     };
     mem.remember_recommendation(
         Recommendation {
@@ -448,7 +490,7 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
                     fmt_n(in_system)
                 ),
             )
-        } else if queue_rec >= target.rate_rec && queue_rec >= latency_rec {
+        } else if target.queue_rec >= target.rate_rec && target.queue_rec >= latency_rec {
             (
                 DecisionReason::ScaleUpQueueDepth,
                 format!(
@@ -519,7 +561,7 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         projected_cost_per_hour,
         conditions,
         recommendations: Recommendations {
-            queue_depth: queue_rec,
+            queue_depth: target.queue_rec,
             arrival_rate: target.rate_rec,
             latency: latency_rec,
             burst: in_burst,
@@ -528,11 +570,28 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
     }
 }
 
+/// What the signals say about demand, shared by every variant's plan.
+struct Demand {
+    /// ⌈requests in the system ÷ target per replica⌉.
+    queue_rec: u32,
+    in_system: f64,
+    /// The stable window's arrival rate.
+    stable_rate: f64,
+    /// max(stable, short window).
+    forecast_rate: f64,
+    /// Observed ÷ profiled capacity.
+    speed: f64,
+}
+
 /// One variant's sizing at this step.
 struct Plan<'a> {
     v: &'a VariantSpec,
     /// From forecast arrival rate alone.
     rate_rec: u32,
+    /// From the stable window's arrival rate alone.
+    stable_rec: u32,
+    /// From requests in the system (in burst mode: the rate that clears them).
+    queue_rec: u32,
     /// max(min, queue, rate): what this variant needs now.
     now: u32,
     /// Highest remembered recommendation over the scale-down delay, in this variant's replicas.
@@ -551,16 +610,24 @@ fn plan<'a>(
     v: &'a VariantSpec,
     input: &DecisionInput,
     mem: &PolicyMemory,
-    queue_rec: u32,
-    rate: f64,
-    speed: f64,
+    d: &Demand,
+    in_burst: bool,
 ) -> Plan<'a> {
-    let rate_rec = v.capacity.replicas_needed(
-        rate,
-        speed,
-        input.targets.p95_latency_ms,
-        input.tuning.target_utilization,
-    );
+    let needed = |rate: f64| {
+        v.capacity.replicas_needed(
+            rate,
+            d.speed,
+            input.targets.p95_latency_ms,
+            input.tuning.target_utilization,
+        )
+    };
+    let rate_rec = needed(d.forecast_rate);
+    let queue_rec = if in_burst && input.tuning.backlog_drain_s > 0.0 {
+        let drain = needed(d.forecast_rate + d.in_system / input.tuning.backlog_drain_s);
+        d.queue_rec.min(drain)
+    } else {
+        d.queue_rec
+    };
     let now = queue_rec.max(rate_rec).max(input.scaling.min_replicas);
     let window = mem
         .recommendations
@@ -571,6 +638,8 @@ fn plan<'a>(
     Plan {
         v,
         rate_rec,
+        stable_rec: needed(d.stable_rate),
+        queue_rec,
         now,
         window,
         need: now.max(window),

@@ -111,7 +111,9 @@ pub struct DecisionConditions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Recommendations {
-    /// From requests in the system ÷ target per replica.
+    /// From requests in the system ÷ target per replica (at a burst's onset, and in
+    /// burst mode while the fleet clears the backlog that fast, no more than the
+    /// arrival rate plus what clears the backlog within `backlog_drain_s` needs).
     pub queue_depth: u32,
     /// From forecast arrival rate ÷ per-replica capacity (and the p95 model).
     pub arrival_rate: u32,

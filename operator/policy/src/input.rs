@@ -112,6 +112,16 @@ pub struct Tuning {
     pub switch_window_s: f64,
     /// Correct profiled capacity online from observed throughput when saturated.
     pub correct_capacity: bool,
+    /// At a burst's onset (and in burst mode while the Ready fleet clears it this
+    /// fast) the queue rule sizes a backlog by the rate that clears it within this
+    /// many seconds, about how long a new replica takes to serve: replicas started for
+    /// a backlog the fleet drains before they are Ready only cost.
+    #[serde(default = "default_backlog_drain_s")]
+    pub backlog_drain_s: f64,
+}
+
+fn default_backlog_drain_s() -> f64 {
+    30.0
 }
 
 impl Default for Tuning {
@@ -126,6 +136,7 @@ impl Default for Tuning {
             switch_min_saving: 0.10,
             switch_window_s: 300.0,
             correct_capacity: true,
+            backlog_drain_s: default_backlog_drain_s(),
         }
     }
 }

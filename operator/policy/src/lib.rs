@@ -14,7 +14,8 @@
 //! use kestrel_policy::profile::WorkerProfile;
 //! use kestrel_policy::*;
 //!
-//! let profile = WorkerProfile::from_json(include_str!("../profiles/minilm-cpu.json")).unwrap();
+//! let profile =
+//!     WorkerProfile::from_json(include_str!("../../../worker/profiles/cpu-2core-xeon.json")).unwrap();
 //! let input = DecisionInput {
 //!     targets: Targets { p95_latency_ms: 200.0, queue_depth_per_replica: 8.0 },
 //!     scaling: ScalingLimits {

@@ -338,16 +338,89 @@ fn a_backlog_seen_in_burst_mode_is_not_held_for_the_scale_down_delay() {
         s.p95_ms = Some(400.0);
     });
     let d = decide(&burst, &mem, T0);
-    assert_eq!(reps(&d, "f32"), 10, "{}", d.message);
+    // 80 in the system at 10/s: the 3 replicas clear it in a second, so the queue
+    // rule asks for what clears it within 30 s (1 replica); the p95 still doubles.
+    assert_eq!(d.recommendations.queue_depth, 1, "{}", d.message);
     assert_eq!(d.recommendations.latency, 6);
+    assert_eq!(reps(&d, "f32"), 6, "{}", d.message);
     // Only the rate's need (10/s: 1 replica) is remembered for the scale-down delay.
     assert_eq!(d.memory.recommendations.last().unwrap().replicas, 1);
     // 70 s later burst mode is over; the 300 s delay holds only the rate's need (1).
     let mut calm_input = with_signals(base(), |s| s.in_flight = 1.0);
-    calm_input.fleet = fleet(&[("f32", 10, 10)]);
+    calm_input.fleet = fleet(&[("f32", 6, 6)]);
     let d2 = decide(&calm_input, &d.memory, T0.plus(70.0));
     assert_eq!(d2.reason, DecisionReason::ScaleDown, "{}", d2.message);
-    assert_eq!(reps(&d2, "f32"), 5);
+    assert_eq!(reps(&d2, "f32"), 3);
+}
+
+#[test]
+fn burst_mode_sizes_a_backlog_by_the_rate_that_clears_it() {
+    // 100/s per replica at 80 % = 80/s usable; 3 Ready; backlog cleared within 30 s.
+    let table = [
+        // (stable rate, short rate, in the system, queue recommendation, replicas)
+        (100.0, 400.0, 64.0, 6, 6),   // (400 + 64/30)/80 → 6, not 64/8 = 8
+        (100.0, 100.0, 3000.0, 3, 3), // (100 + 100)/80 → 3, not 375: 3 clear it in 15 s
+        (100.0, 100.0, 30000.0, 14, 14), // (100 + 1000)/80 → 14
+    ];
+    for (stable, short, in_system, queue, want) in table {
+        let mut mem = mem_target("f32");
+        for k in 1..6 {
+            mem.demand.push(kestrel_policy::DemandSample {
+                at: Timestamp(T0.0 - 10.0 * k as f64),
+                in_system: 4.0,
+            });
+        }
+        let i = with_signals(base(), |s| {
+            s.arrival_rate = stable;
+            s.arrival_rate_short = Some(short);
+            s.in_flight = in_system;
+        });
+        let d = decide(&i, &mem, T0);
+        assert!(d.recommendations.burst, "{in_system}: {}", d.message);
+        assert_eq!(
+            d.recommendations.queue_depth, queue,
+            "{in_system}: {}",
+            d.message
+        );
+        assert_eq!(reps(&d, "f32"), want, "{in_system}: {}", d.message);
+    }
+    // After the onset, burst mode sizes a backlog so only while the Ready fleet clears
+    // it within 30 s: at 300/s the 3 replicas (300/s) do not, so 64 waiting are demand
+    // (clients that send as fast as they are answered look like this).
+    let table = [
+        // (rate, queue recommendation, replicas)
+        (100.0, 2, 3), // 200/s of headroom clears 64 in 0.3 s: (100 + 64/30)/80 → 2; held at 3
+        (300.0, 8, 8), // no headroom: 64/8
+    ];
+    for (rate, queue, want) in table {
+        let mut mem = mem_target("f32");
+        mem.burst_until = Some(T0.plus(30.0));
+        for k in 1..6 {
+            mem.demand.push(kestrel_policy::DemandSample {
+                at: Timestamp(T0.0 - 10.0 * k as f64),
+                in_system: 40.0,
+            });
+        }
+        let i = with_signals(base(), |s| {
+            s.arrival_rate = rate;
+            s.arrival_rate_short = Some(rate);
+            s.in_flight = 64.0;
+        });
+        let d = decide(&i, &mem, T0);
+        assert!(d.recommendations.burst, "{rate}: {}", d.message);
+        assert_eq!(
+            d.recommendations.queue_depth, queue,
+            "{rate}: {}",
+            d.message
+        );
+        assert_eq!(reps(&d, "f32"), want, "{rate}: {}", d.message);
+    }
+    // Outside burst mode the queue rule is the plain one: 64 in the system, 8 each.
+    let steady = with_signals(base(), |s| s.in_flight = 64.0);
+    let d = decide(&steady, &mem_target("f32"), T0);
+    assert!(!d.recommendations.burst, "{}", d.message);
+    assert_eq!(d.recommendations.queue_depth, 8);
+    assert_eq!(reps(&d, "f32"), 8);
 }
 
 // ---------- burst mode ----------
@@ -361,25 +434,29 @@ fn burst_mode_scales_up_and_holds_scale_down_for_a_stable_window() {
             in_system: 4.0,
         });
     }
-    let mut i = with_signals(base(), |s| s.in_flight = 64.0);
+    let mut i = with_signals(base(), |s| {
+        s.in_flight = 64.0;
+        s.arrival_rate = 100.0;
+        s.arrival_rate_short = Some(400.0);
+    });
     i.scaling.scale_down_delay_s = 0.0; // only burst mode can hold the scale-down
     let d = decide(&i, &mem, T0);
     assert_eq!(d.reason, DecisionReason::ScaleUpBurst, "{}", d.message);
-    assert_eq!(reps(&d, "f32"), 8);
+    assert_eq!(reps(&d, "f32"), 6);
     assert!(d.recommendations.burst);
 
-    // Demand gone 30 s later: burst mode holds the 8 replicas …
+    // Demand gone 30 s later: burst mode holds the 6 replicas …
     let mut calm_input = with_signals(base(), |s| s.in_flight = 1.0);
-    calm_input.fleet = fleet(&[("f32", 8, 8)]);
+    calm_input.fleet = fleet(&[("f32", 6, 6)]);
     calm_input.scaling.scale_down_delay_s = 0.0;
     let d2 = decide(&calm_input, &d.memory, T0.plus(30.0));
-    assert_eq!(reps(&d2, "f32"), 8, "{}", d2.message);
+    assert_eq!(reps(&d2, "f32"), 6, "{}", d2.message);
     assert_eq!(d2.reason, DecisionReason::ScaleDownDeferred);
     assert!(d2.message.contains("burst mode"), "{}", d2.message);
     // … until a stable window (60 s) after the last burst, then scale-down resumes.
     let d3 = decide(&calm_input, &d2.memory, T0.plus(61.0));
     assert_eq!(d3.reason, DecisionReason::ScaleDown, "{}", d3.message);
-    assert_eq!(reps(&d3, "f32"), 4);
+    assert_eq!(reps(&d3, "f32"), 3);
 }
 
 #[test]
@@ -414,8 +491,12 @@ fn no_burst_when_the_fleet_already_covers_the_jump() {
 
 #[test]
 fn scale_down_follows_the_highest_recommendation_over_the_delay_and_the_step_limit() {
-    // t=0: 80 in the system → 10 replicas.
-    let high = with_signals(base(), |s| s.in_flight = 80.0);
+    // t=0: 80 in the system at 800/s → 10 replicas.
+    let high = with_signals(base(), |s| {
+        s.in_flight = 80.0;
+        s.arrival_rate = 800.0;
+        s.arrival_rate_short = Some(800.0);
+    });
     let d0 = decide(&high, &mem_target("f32"), T0);
     assert_eq!(reps(&d0, "f32"), 10);
     let mut mem = d0.memory;
@@ -431,15 +512,60 @@ fn scale_down_follows_the_highest_recommendation_over_the_delay_and_the_step_lim
         seen.push((step * 10, have));
         mem = d.memory;
     }
-    // Held at 10 for the whole 300 s delay, then at most halving per step: 10, 5, 3, 2, 1.
+    // Held at 10 for the whole 300 s delay, then down as the remembered demand of the
+    // stable window (the 80 in the system averaged with the calm readings after it)
+    // leaves the delay: 6, 4, 3, 3, 2, 2, 1 — never more than half at once.
     let at = |t: u32| seen.iter().find(|(s, _)| *s == t).unwrap().1;
     assert_eq!(at(290), 10, "{seen:?}");
     assert_eq!(at(300), 10, "{seen:?}");
-    assert_eq!(at(310), 5, "{seen:?}");
-    assert_eq!(at(320), 3, "{seen:?}");
-    assert_eq!(at(330), 2, "{seen:?}");
-    assert_eq!(at(340), 1, "{seen:?}");
+    assert_eq!(at(310), 6, "{seen:?}");
+    assert_eq!(at(320), 4, "{seen:?}");
+    assert_eq!(at(330), 3, "{seen:?}");
+    assert_eq!(at(370), 1, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[1].1 * 2 >= w[0].1), "{seen:?}");
     assert_eq!(at(400), 1, "{seen:?}");
+}
+
+#[test]
+fn the_delay_holds_the_stable_windows_demand_not_the_short_windows_noise() {
+    // 2 replicas at 160/s; one 10 s reading of 300/s (under the 2× burst threshold)
+    // scales up at once …
+    let mut i = with_signals(base(), |s| {
+        s.arrival_rate = 160.0;
+        s.arrival_rate_short = Some(300.0);
+        s.in_flight = 8.0;
+    });
+    i.fleet = fleet(&[("f32", 2, 2)]);
+    let d = decide(&i, &mem_target("f32"), T0);
+    assert!(!d.recommendations.burst, "{}", d.message);
+    assert_eq!(
+        d.reason,
+        DecisionReason::ScaleUpArrivalRate,
+        "{}",
+        d.message
+    );
+    assert_eq!(reps(&d, "f32"), 4);
+    // … but the delay remembers what the stable window needs (160/s: 2), so the next
+    // calm reading returns the replicas instead of holding them for 300 s.
+    assert_eq!(d.memory.recommendations.last().unwrap().replicas, 2);
+    let mut calm_input = with_signals(i.clone(), |s| s.arrival_rate_short = Some(160.0));
+    calm_input.fleet = fleet(&[("f32", 4, 4)]);
+    let d2 = decide(&calm_input, &d.memory, T0.plus(10.0));
+    assert_eq!(d2.reason, DecisionReason::ScaleDown, "{}", d2.message);
+    assert_eq!(reps(&d2, "f32"), 2);
+    // A sustained 300/s (the stable window's) is held for the delay.
+    let mut sustained = with_signals(i, |s| s.arrival_rate = 300.0);
+    sustained.fleet = fleet(&[("f32", 4, 4)]);
+    let d3 = decide(&sustained, &d2.memory, T0.plus(20.0));
+    assert_eq!(d3.memory.recommendations.last().unwrap().replicas, 4);
+    let d4 = decide(&calm_input, &d3.memory, T0.plus(30.0));
+    assert_eq!(
+        d4.reason,
+        DecisionReason::ScaleDownDeferred,
+        "{}",
+        d4.message
+    );
+    assert_eq!(reps(&d4, "f32"), 4);
 }
 
 #[test]

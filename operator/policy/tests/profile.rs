@@ -4,18 +4,21 @@ use kestrel_policy::profile::{
     GenerationShape, PROFILE_SCHEMA, ProfileError, TEXT_GENERATION, WorkerProfile,
 };
 
-const DEFAULT: &str = include_str!("../profiles/minilm-cpu.json");
+const DEFAULT: &str = include_str!("../../../worker/profiles/cpu-2core-xeon.json");
 
 #[test]
-fn the_committed_default_profile_parses_into_capacities() {
+fn the_measured_minilm_profile_parses_into_capacities() {
     let p = WorkerProfile::from_json(DEFAULT).unwrap();
     assert_eq!(p.schema, PROFILE_SCHEMA);
     let f32 = p.variant("f32").unwrap().capacity();
     let int8 = p.variant("int8").unwrap().capacity();
-    assert!(f32.items_per_second > 100.0 && f32.items_per_second < 200.0);
-    assert!(int8.items_per_second > f32.items_per_second);
-    assert_eq!(f32.max_batch(), 32);
-    assert!((p.variant("int8").unwrap().quality.quality_loss - 0.0005).abs() < 1e-12);
+    // Measured on the 2-core Xeon (docs/benchmarks.md): f32 ~400 inputs/s at batch 64,
+    // the native int8 about 1.9× that, at a cosine of at least 0.999.
+    assert!(f32.items_per_second > 300.0 && f32.items_per_second < 500.0);
+    assert!(int8.items_per_second > 1.5 * f32.items_per_second);
+    assert_eq!(f32.max_batch(), 64);
+    let loss = p.variant("int8").unwrap().quality.quality_loss;
+    assert!(loss > 0.0 && loss < 0.001, "{loss}");
 }
 
 #[test]
@@ -52,7 +55,10 @@ fn a_profile_variant_becomes_a_variant_spec() {
     let spec = p.variant("int8").unwrap().spec(0.6, true);
     assert_eq!(spec.name, "int8");
     assert_eq!(spec.price_per_replica_hour, 0.6);
-    assert!((spec.quality_loss - 0.0005).abs() < 1e-12);
+    assert_eq!(
+        spec.quality_loss,
+        p.variant("int8").unwrap().quality.quality_loss
+    );
     assert_eq!(spec.capacity, p.variant("int8").unwrap().capacity());
 }
 

@@ -24,7 +24,7 @@ use policies::{Hpa, Kestrel, Kpa, Limits, RayServe, StaticPeak, variant_specs};
 use rng::Rng;
 
 /// The profile used when `--profile` is not given.
-const DEFAULT_PROFILE: &str = include_str!("../../../profiles/minilm-cpu.json");
+const DEFAULT_PROFILE: &str = include_str!("../../../../../worker/profiles/cpu-2core-xeon.json");
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -64,7 +64,7 @@ struct Args {
     /// Seed for every random choice (trace scaling, routing, service-time jitter).
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Worker profile JSON (default: the committed operator/policy/profiles/minilm-cpu.json).
+    /// Worker profile JSON (default: the worker's measured worker/profiles/cpu-2core-xeon.json).
     #[arg(long)]
     profile: Option<PathBuf>,
     /// Variants Kestrel may choose from, comma-separated (default: all in the profile).

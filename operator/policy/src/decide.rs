@@ -485,9 +485,18 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
             (
                 DecisionReason::ScaleUpBurst,
                 format!(
-                    "burst: demand at {burst_ratio:.1}× the {:.0}s average ({} in the system, {forecast_rate:.1}/s): {scaling}",
+                    "burst: demand at {burst_ratio:.1}× the {:.0}s average ({} in the system, {forecast_rate:.1}/s): {scaling}{}",
                     tuning.stable_window_s,
-                    fmt_n(in_system)
+                    fmt_n(in_system),
+                    if target.queue_rec < queue_rec {
+                        format!(
+                            " (the backlog sized to clear within {:.0}s, not at {}/replica)",
+                            tuning.backlog_drain_s,
+                            fmt_n(target_q)
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             )
         } else if target.queue_rec >= target.rate_rec && target.queue_rec >= latency_rec {

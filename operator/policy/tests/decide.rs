@@ -383,6 +383,15 @@ fn burst_mode_sizes_a_backlog_by_the_rate_that_clears_it() {
             d.message
         );
         assert_eq!(reps(&d, "f32"), want, "{in_system}: {}", d.message);
+        if want > 3 {
+            assert_eq!(d.reason, DecisionReason::ScaleUpBurst, "{}", d.message);
+            assert!(
+                d.message
+                    .ends_with("(the backlog sized to clear within 30s, not at 8/replica)"),
+                "{}",
+                d.message
+            );
+        }
     }
     // After the onset, burst mode sizes a backlog so only while the Ready fleet clears
     // it within 30 s: at 300/s the 3 replicas (300/s) do not, so 64 waiting are demand

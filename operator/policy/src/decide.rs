@@ -120,16 +120,13 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         forecast_rate,
         speed,
     };
-    // When a burst starts, its backlog is sized by the rate that clears it within
-    // `backlog_drain_s`, not at `queue_depth_per_replica` each: replicas started for a
-    // backlog the fleet drains before they are Ready only cost …
-    let plans_for = |bursting: bool| -> Vec<Plan> {
+    let plans_for = |mem: &PolicyMemory, bursting: bool| -> Vec<Plan> {
         eligible
             .iter()
-            .map(|v| plan(v, input, &mem, &demand, bursting))
+            .map(|v| plan(v, input, mem, &demand, bursting))
             .collect()
     };
-    let (burst_plans, plain_plans) = (plans_for(true), plans_for(false));
+    let plain_plans = plans_for(&mem, false);
     // Burst only when the jump needs more than the Ready replicas of the variant serving.
     let serving = current
         .and_then(|c| plain_plans.iter().find(|p| p.v.name == c.name))
@@ -139,9 +136,12 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         mem.burst_until = Some(now.plus(tuning.stable_window_s));
     }
     let in_burst = mem.burst_until.is_some_and(|t| t > now);
-    // … and for the rest of burst mode while the Ready fleet clears it that fast. A
-    // backlog that grows or shrinks slowly (a saturated fleet, clients that send as
-    // fast as they are answered) is demand, and the plain queue rule sizes it.
+    // At a burst's onset, and for the rest of burst mode while the Ready fleet clears
+    // it within `backlog_drain_s`, the backlog is sized by the rate that clears it in
+    // that time, not at `queue_depth_per_replica` each: replicas started for a backlog
+    // the fleet drains before they are Ready only cost. A backlog that grows or
+    // shrinks slowly (a saturated fleet, clients that send as fast as they are
+    // answered) is demand, and the plain queue rule sizes it.
     let ready_capacity: f64 = input
         .fleet
         .variants
@@ -154,7 +154,7 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
     let headroom = ready_capacity - forecast_rate;
     let drains = headroom > 0.0 && in_system / headroom <= tuning.backlog_drain_s;
     let plans = if burst_now || (in_burst && drains) {
-        burst_plans
+        plans_for(&mem, true)
     } else {
         plain_plans
     };

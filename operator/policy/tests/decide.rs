@@ -100,6 +100,19 @@ fn mem_target(variant: &str) -> PolicyMemory {
 
 const T0: Timestamp = Timestamp(1_000_000.0);
 
+/// `mem_target("f32")` with `samples` demand readings of `in_system`, 10 s apart before
+/// `T0`: the stable window's history that burst detection compares against.
+fn mem_with_demand(samples: u32, in_system: f64) -> PolicyMemory {
+    let mut mem = mem_target("f32");
+    for k in 1..=samples {
+        mem.demand.push(kestrel_policy::DemandSample {
+            at: Timestamp(T0.0 - 10.0 * k as f64),
+            in_system,
+        });
+    }
+    mem
+}
+
 // ---------- signals: missing, stale, NaN ----------
 
 #[test]
@@ -252,13 +265,7 @@ fn recommendations_take_the_maximum_and_scale_up_at_once() {
             s.p95_ms = Some(c.p95);
         });
         // A stable history at the same level: no burst.
-        let mut mem = mem_target("f32");
-        for k in 1..6 {
-            mem.demand.push(kestrel_policy::DemandSample {
-                at: Timestamp(T0.0 - 10.0 * k as f64),
-                in_system: c.in_flight,
-            });
-        }
+        let mem = mem_with_demand(5, c.in_flight);
         let d = decide(&i, &mem, T0);
         assert_eq!(reps(&d, "f32"), c.want, "{}: {}", c.name, d.message);
         assert_eq!(d.reason, c.reason, "{}: {}", c.name, d.message);
@@ -326,13 +333,7 @@ fn settling_is_remembered_from_the_first_fully_ready_decision() {
 
 #[test]
 fn a_backlog_seen_in_burst_mode_is_not_held_for_the_scale_down_delay() {
-    let mut mem = mem_target("f32");
-    for k in 1..6 {
-        mem.demand.push(kestrel_policy::DemandSample {
-            at: Timestamp(T0.0 - 10.0 * k as f64),
-            in_system: 4.0,
-        });
-    }
+    let mem = mem_with_demand(5, 4.0);
     let burst = with_signals(base(), |s| {
         s.in_flight = 80.0;
         s.p95_ms = Some(400.0);
@@ -363,13 +364,7 @@ fn burst_mode_sizes_a_backlog_by_the_rate_that_clears_it() {
         (100.0, 100.0, 30000.0, 14, 14), // (100 + 1000)/80 → 14
     ];
     for (stable, short, in_system, queue, want) in table {
-        let mut mem = mem_target("f32");
-        for k in 1..6 {
-            mem.demand.push(kestrel_policy::DemandSample {
-                at: Timestamp(T0.0 - 10.0 * k as f64),
-                in_system: 4.0,
-            });
-        }
+        let mem = mem_with_demand(5, 4.0);
         let i = with_signals(base(), |s| {
             s.arrival_rate = stable;
             s.arrival_rate_short = Some(short);
@@ -402,14 +397,8 @@ fn burst_mode_sizes_a_backlog_by_the_rate_that_clears_it() {
         (300.0, 8, 8), // no headroom: 64/8
     ];
     for (rate, queue, want) in table {
-        let mut mem = mem_target("f32");
+        let mut mem = mem_with_demand(5, 40.0);
         mem.burst_until = Some(T0.plus(30.0));
-        for k in 1..6 {
-            mem.demand.push(kestrel_policy::DemandSample {
-                at: Timestamp(T0.0 - 10.0 * k as f64),
-                in_system: 40.0,
-            });
-        }
         let i = with_signals(base(), |s| {
             s.arrival_rate = rate;
             s.arrival_rate_short = Some(rate);
@@ -436,13 +425,7 @@ fn burst_mode_sizes_a_backlog_by_the_rate_that_clears_it() {
 
 #[test]
 fn burst_mode_scales_up_and_holds_scale_down_for_a_stable_window() {
-    let mut mem = mem_target("f32");
-    for k in 1..6 {
-        mem.demand.push(kestrel_policy::DemandSample {
-            at: Timestamp(T0.0 - 10.0 * k as f64),
-            in_system: 4.0,
-        });
-    }
+    let mem = mem_with_demand(5, 4.0);
     let mut i = with_signals(base(), |s| {
         s.in_flight = 64.0;
         s.arrival_rate = 100.0;
@@ -482,13 +465,7 @@ fn a_short_window_rate_jump_is_a_burst_and_is_planned_for() {
 #[test]
 fn no_burst_when_the_fleet_already_covers_the_jump() {
     // 1 → 8 requests in the system is a jump, but 3 replicas (8 each) hold it.
-    let mut mem = mem_target("f32");
-    for k in 1..4 {
-        mem.demand.push(kestrel_policy::DemandSample {
-            at: Timestamp(T0.0 - 10.0 * k as f64),
-            in_system: 1.0,
-        });
-    }
+    let mem = mem_with_demand(3, 1.0);
     let i = with_signals(base(), |s| s.in_flight = 8.0);
     let d = decide(&i, &mem, T0);
     assert!(!d.recommendations.burst, "{}", d.message);

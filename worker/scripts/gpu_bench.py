@@ -144,12 +144,16 @@ class Worker:
             return self.proc.wait()
 
 
+def histogram(text, name):
+    """(sum, count) of one of the worker's histograms."""
+    get = lambda n: float(next((l.split()[-1] for l in text.splitlines()
+                                if l.startswith(n + " ") or l.startswith(n + "{")), 0))
+    return get(name + "_sum"), get(name + "_count")
+
+
 def server_seconds(text):
     """(sum, count) of the worker's request-duration histogram (admission to result)."""
-    get = lambda name: float(next((l.split()[-1] for l in text.splitlines()
-                                   if l.startswith(name + " ") or l.startswith(name + "{")), 0))
-    return (get("kestrel_worker_request_duration_seconds_sum"),
-            get("kestrel_worker_request_duration_seconds_count"))
+    return histogram(text, "kestrel_worker_request_duration_seconds")
 
 
 def load(exe, url, concurrency, inputs, seconds, reps):
@@ -215,7 +219,7 @@ class RawBert:
     batches padded to each batch's longest, pooling on the GPU; optionally each batch
     shape captured once as a CUDA graph and replayed (no launch gaps)."""
 
-    def __init__(self, model_dir, dtype, graphs):
+    def __init__(self, model_dir, dtype, graphs, packed=False):
         from safetensors.torch import load_file
         with open(os.path.join(model_dir, "config.json")) as f:
             c = json.load(f)
@@ -237,7 +241,7 @@ class RawBert:
                                 w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"],
                                 w[p + "output.dense.weight"], w[p + "output.dense.bias"],
                                 w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]))
-        self.graphs, self.cache = graphs, {}
+        self.graphs, self.packed, self.cache = graphs, packed, {}
 
     def eager(self, ids, mask):
         b, l = ids.shape
@@ -252,26 +256,51 @@ class RawBert:
             x = F.layer_norm(F.linear(F.gelu(F.linear(x, iw, ib)), o2w, o2b) + x, (h,), lw2, lb2, self.eps)
         return mean_pool(x, mask)
 
+    def eager_packed(self, ids, mask, flat, row, lens):
+        b, l = ids.shape
+        h, H = self.h, self.heads
+        x = (self.word[ids] + self.pos[:l] + self.tt).view(b * l, h)[flat]
+        x = F.layer_norm(x, (h,), *self.eln, self.eps)
+        add = ((mask[:, None, None, :].to(self.dtype) - 1) * 10000.0)
+        for (qw, qb, ow, ob, lw1, lb1, iw, ib, o2w, o2b, lw2, lb2) in self.layers:
+            qkv = x.new_zeros(b * l, 3 * h).index_copy_(0, flat, F.linear(x, qw, qb))
+            q, k, v = qkv.view(b, l, 3, H, h // H).permute(2, 0, 3, 1, 4)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=add).transpose(1, 2).reshape(b * l, h)[flat]
+            x = F.layer_norm(F.linear(ctx, ow, ob) + x, (h,), lw1, lb1, self.eps)
+            x = F.layer_norm(F.linear(F.gelu(F.linear(x, iw, ib)), o2w, o2b) + x, (h,), lw2, lb2, self.eps)
+        pooled = torch.zeros(b, h, device=x.device).index_add_(0, row, x.float()) / lens[:, None]
+        return F.normalize(pooled, dim=-1)
+
+    def inputs(self, ids_cpu, mask_cpu):
+        if not self.packed:
+            return (ids_cpu, mask_cpu)
+        flat = mask_cpu.view(-1).nonzero().squeeze(1)
+        row = torch.div(flat, ids_cpu.shape[1], rounding_mode="floor")
+        lens = mask_cpu.sum(1).float()
+        return (ids_cpu, mask_cpu, flat, row, lens)
+
     @torch.inference_mode()
     def __call__(self, ids_cpu, mask_cpu):
+        fn = self.eager_packed if self.packed else self.eager
+        host = self.inputs(ids_cpu, mask_cpu)
         if not self.graphs:
-            return self.eager(ids_cpu.to(DEV, non_blocking=True), mask_cpu.to(DEV, non_blocking=True)).cpu()
-        key = tuple(ids_cpu.shape)
+            return fn(*(t.to(DEV, non_blocking=True) for t in host)).cpu()
+        key = tuple(tuple(t.shape) for t in host)
         if key not in self.cache:
-            sids, smask = ids_cpu.cuda(), mask_cpu.cuda()
+            static = [t.cuda() for t in host]
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):
-                    self.eager(sids, smask)
+                    fn(*static)
             torch.cuda.current_stream().wait_stream(s)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                sout = self.eager(sids, smask)
-            self.cache[key] = (g, sids, smask, sout)
-        g, sids, smask, sout = self.cache[key]
-        sids.copy_(ids_cpu, non_blocking=True)
-        smask.copy_(mask_cpu, non_blocking=True)
+                sout = fn(*static)
+            self.cache[key] = (g, static, sout)
+        g, static, sout = self.cache[key]
+        for dst, src in zip(static, host):
+            dst.copy_(src, non_blocking=True)
         g.replay()
         return sout.cpu()
 
@@ -294,8 +323,8 @@ def pretokenize(model_dir, bench, n):
     return batches
 
 
-def bench_raw(model_dir, bench, sizes, seconds, reps, dtype, graphs, ref):
-    raw = RawBert(model_dir, dtype, graphs)
+def bench_raw(model_dir, bench, sizes, seconds, reps, dtype, graphs, ref, packed=False):
+    raw = RawBert(model_dir, dtype, graphs, packed)
     torch.cuda.reset_peak_memory_stats()
     out = {}
     # Correctness first: the same function as sentence-transformers f32.
@@ -364,7 +393,7 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--profile-seconds", type=float, default=3.0,
                    help="seconds per point of `kestrel-worker profile` (a mean over the time)")
-    p.add_argument("--skip", default="", help="comma list of: st, raw, graphs, profile, http")
+    p.add_argument("--skip", default="", help="comma list of: st, raw, graphs, packed, profile, http")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -419,9 +448,12 @@ def main():
                     log(f"{v} http 1 request x {n}: {r['http_one_request'][n]['items_per_second']:.0f}/s "
                         f"{r['http_one_request'][n]['p50_ms']:.2f} ms")
                 for n in sizes:
+                    before = histogram(w.metrics(), "kestrel_worker_batch_size")
                     r["http_clients"][n] = load(args.worker, w.url, n, 1, args.seconds, args.reps)
+                    after = histogram(w.metrics(), "kestrel_worker_batch_size")
+                    r["http_clients"][n]["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
                     log(f"{v} http {n} clients x 1: {r['http_clients'][n]['items_per_second']:.0f}/s "
-                        f"p50 {r['http_clients'][n]['p50_ms']:.2f} ms")
+                        f"p50 {r['http_clients'][n]['p50_ms']:.2f} ms, mean batch {r['http_clients'][n]['mean_batch']:.1f}")
                 r["http_two_requests_256"] = load(args.worker, w.url, 2, 256, args.seconds, args.reps)
             r["gpu_memory_mib"] = gpu_memory_mib(w.proc.pid)
             log(v, "gpu memory MiB", r["gpu_memory_mib"])
@@ -451,6 +483,10 @@ def main():
             res["baselines"][f"raw PyTorch {name} SDPA"] = bench_raw(args.model, bench, sizes, args.seconds, args.reps, dtype, False, bench_ref)
             if "graphs" not in skip:
                 res["baselines"][f"raw PyTorch {name} SDPA + CUDA graphs"] = bench_raw(args.model, bench, sizes, args.seconds, args.reps, dtype, True, bench_ref)
+            if "packed" not in skip:
+                res["baselines"][f"raw PyTorch {name} packed, SDPA"] = bench_raw(args.model, bench, sizes, args.seconds, args.reps, dtype, False, bench_ref, True)
+                if "graphs" not in skip:
+                    res["baselines"][f"raw PyTorch {name} packed, SDPA + CUDA graphs"] = bench_raw(args.model, bench, sizes, args.seconds, args.reps, dtype, True, bench_ref, True)
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -488,6 +524,9 @@ def render(res, sizes):
             L.append(f"| … of which admission to result, ms (server side) | " + " | ".join(
                 f"{r['http_one_request'][n]['server_admitted_to_done_ms']:.2f}" for n in sizes) + " |")
             row(f"worker HTTP {v}, N clients of 1 (p50)", r["http_clients"], "p50_ms")
+            if all("mean_batch" in r["http_clients"][n] for n in sizes):
+                L.append(f"| … mean batch formed | " + " | ".join(
+                    f"{r['http_clients'][n]['mean_batch']:.1f}" for n in sizes) + " |")
         if "profile" in r:
             row(f"worker engine alone {v}", {b["batch_size"]: b for b in r["profile"]["batches"]})
     for name, b in res["baselines"].items():

@@ -297,33 +297,87 @@ async fn embeddings(State(state): State<AppState>, body: Bytes) -> Response {
     }
 }
 
-async fn handle_embeddings(state: &AppState, body: &[u8]) -> Result<Response, (Outcome, ApiError)> {
-    let request = parse_request(body, state).map_err(|e| (Outcome::Error, e))?;
-    let mut token_ids = Vec::with_capacity(request.inputs.len());
-    let mut prompt_tokens = 0usize;
-    for (i, text) in request.inputs.iter().enumerate() {
-        let enc = state.tokenizer.encode(text).map_err(|e| {
-            (
-                Outcome::Error,
-                ApiError::invalid(Some("input"), format!("input[{i}]: {e}")),
-            )
-        })?;
-        if enc.full_len > state.tokenizer.max_len() && state.long_input == LongInput::Refuse {
-            return Err((
-                Outcome::Error,
-                ApiError::invalid(
-                    Some("input"),
-                    format!(
-                        "input[{i}] has {} tokens, more than the model's maximum of {}",
-                        enc.full_len,
-                        state.tokenizer.max_len()
-                    ),
-                ),
-            ));
-        }
-        prompt_tokens += enc.ids.len();
-        token_ids.push(enc.ids);
+/// Requests with more inputs than this are tokenized on several blocking threads at once
+/// (tokenizing is ~25 µs per sentence: 256 inputs take 6 ms on one core).
+const PARALLEL_TOKENIZE_MIN: usize = 64;
+
+/// Token ids of every input, in order; the first failing input's error.
+async fn tokenize_all(state: &AppState, inputs: Vec<String>) -> Result<Vec<Vec<u32>>, ApiError> {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads =
+        *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if inputs.len() < PARALLEL_TOKENIZE_MIN || threads < 2 {
+        return inputs
+            .iter()
+            .enumerate()
+            .map(|(i, text)| tokenize_one(&state.tokenizer, state.long_input, i, text))
+            .collect();
     }
+    let chunk = inputs
+        .len()
+        .div_ceil(threads.min(16))
+        .max(PARALLEL_TOKENIZE_MIN / 4);
+    let mut inputs = inputs.into_iter();
+    let mut tasks = Vec::new();
+    let mut first = 0;
+    loop {
+        let part: Vec<String> = inputs.by_ref().take(chunk).collect();
+        if part.is_empty() {
+            break;
+        }
+        let (tokenizer, long_input, start) = (state.tokenizer.clone(), state.long_input, first);
+        first += part.len();
+        tasks.push(tokio::task::spawn_blocking(move || {
+            part.iter()
+                .enumerate()
+                .map(|(k, text)| tokenize_one(&tokenizer, long_input, start + k, text))
+                .collect::<Result<Vec<_>, ApiError>>()
+        }));
+    }
+    let mut ids = Vec::with_capacity(first);
+    for task in tasks {
+        let part = task.await.map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "server_error",
+            message: format!("tokenizing failed: {e}"),
+            param: None,
+            retry_after: None,
+        })??;
+        ids.extend(part);
+    }
+    Ok(ids)
+}
+
+/// One input's token ids, or why it is refused (named by its index).
+fn tokenize_one(
+    tokenizer: &TextTokenizer,
+    long_input: LongInput,
+    i: usize,
+    text: &str,
+) -> Result<Vec<u32>, ApiError> {
+    let enc = tokenizer
+        .encode(text)
+        .map_err(|e| ApiError::invalid(Some("input"), format!("input[{i}]: {e}")))?;
+    if enc.full_len > tokenizer.max_len() && long_input == LongInput::Refuse {
+        return Err(ApiError::invalid(
+            Some("input"),
+            format!(
+                "input[{i}] has {} tokens, more than the model's maximum of {}",
+                enc.full_len,
+                tokenizer.max_len()
+            ),
+        ));
+    }
+    Ok(enc.ids)
+}
+
+async fn handle_embeddings(state: &AppState, body: &[u8]) -> Result<Response, (Outcome, ApiError)> {
+    let mut request = parse_request(body, state).map_err(|e| (Outcome::Error, e))?;
+    let inputs = std::mem::take(&mut request.inputs);
+    let token_ids = tokenize_all(state, inputs)
+        .await
+        .map_err(|e| (Outcome::Error, e))?;
+    let prompt_tokens = token_ids.iter().map(Vec::len).sum::<usize>();
 
     let _in_flight = InFlight::enter(&state.metrics);
     let admitted = Instant::now();

@@ -176,6 +176,42 @@ async fn embeddings_follow_the_openai_shape_and_refuse_bad_requests() {
     assert!(w.terminate().unwrap().success());
 }
 
+/// A large request is tokenized on several threads: its embeddings still come back in
+/// input order, and a bad input deep inside it is named by its own index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_request_keeps_input_order_and_names_its_bad_input() {
+    let w = start(&["--max-inputs", "512", "--long-input", "refuse"]).await;
+    let c = HttpClient::new();
+    let inputs: Vec<String> = (0..150)
+        .map(|i| format!("sentence {i} about {}", ["cats", "rain", "trains"][i % 3]))
+        .collect();
+    let (status, v) = post(&c, &w, json!({"input": inputs})).await;
+    assert_eq!(status, 200, "{v}");
+    let data = v["data"].as_array().expect("data");
+    assert_eq!(data.len(), inputs.len());
+    for i in [0, 37, 38, 75, 112, 149] {
+        assert_eq!(data[i]["index"], i, "{}", data[i]);
+        let (status, one) = post(&c, &w, json!({"input": inputs[i]})).await;
+        assert_eq!(status, 200, "{one}");
+        let a: Vec<f64> = serde_json::from_value(data[i]["embedding"].clone()).unwrap();
+        let b: Vec<f64> = serde_json::from_value(one["data"][0]["embedding"].clone()).unwrap();
+        let cosine: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!(
+            cosine > 0.9999,
+            "input {i}: cosine {cosine} to its own request"
+        );
+    }
+
+    let mut bad = inputs.clone();
+    bad[121] = "word ".repeat(300);
+    bad[140] = "word ".repeat(300);
+    let (status, v) = post(&c, &w, json!({"input": bad})).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "input", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.starts_with("input[121] has"), "{msg}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_answered_429_with_retry_after() {
     let w = start(&[

@@ -85,6 +85,33 @@ fn bias_columns(rows: usize, dtype: DType, device: &Device) -> candle_core::Resu
     )
 }
 
+/// One layer of the packed CUDA path: weights pre-transposed to `[in, out]` for plain
+/// matrix products; biases go to the fused kernels that follow them.
+#[cfg(feature = "cuda")]
+struct PackedLayer {
+    qkv_w: Tensor,
+    qkv_b: Tensor,
+    out_w: Tensor,
+    out_b: Tensor,
+    attn_ln: LayerNorm,
+    inter_w: Tensor,
+    inter_b: Tensor,
+    output_w: Tensor,
+    output_b: Tensor,
+    out_ln: LayerNorm,
+}
+
+/// The packed CUDA encoder (`cuda_ops`): sequences without padding, one fused kernel
+/// between matrix products.
+#[cfg(feature = "cuda")]
+struct Packed {
+    /// `[vocab + positions, hidden]`: word rows, then position rows with the token-type
+    /// row added.
+    table: Tensor,
+    vocab: u32,
+    layers: Vec<PackedLayer>,
+}
+
 struct Layer {
     qkv: BiasedLinear,
     attn_out: BiasedLinear,
@@ -100,6 +127,8 @@ pub struct CandleBert {
     token_type: Tensor,
     emb_ln: LayerNorm,
     layers: Vec<Layer>,
+    #[cfg(feature = "cuda")]
+    packed: Option<Packed>,
     heads: usize,
     hidden: usize,
     dtype: DType,
@@ -155,6 +184,21 @@ impl CandleBert {
         let word_w = emb.pp("word_embeddings").get_unchecked("weight")?;
         let pos_w = emb.pp("position_embeddings").get_unchecked("weight")?;
         let tt_w = emb.pp("token_type_embeddings").get_unchecked("weight")?;
+        #[cfg(feature = "cuda")]
+        if let Some(packed) = Packed::load(&vb, c, &word_w, &pos_w, &tt_w)? {
+            return Ok(CandleBert {
+                word: Embedding::new(word_w, h),
+                position: Embedding::new(pos_w, h),
+                token_type: tt_w.get(0)?,
+                emb_ln: LayerNorm::load(emb.pp("LayerNorm"), h, c.layer_norm_eps)?,
+                layers: Vec::new(),
+                packed: Some(packed),
+                heads: c.num_attention_heads,
+                hidden: h,
+                dtype,
+                device,
+            });
+        }
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let l = vb.pp(format!("encoder.layer.{i}"));
@@ -191,6 +235,8 @@ impl CandleBert {
             token_type: tt_w.get(0)?,
             emb_ln: LayerNorm::load(emb.pp("LayerNorm"), h, c.layer_norm_eps)?,
             layers,
+            #[cfg(feature = "cuda")]
+            packed: None,
             heads: c.num_attention_heads,
             hidden: h,
             dtype,
@@ -251,11 +297,126 @@ impl CandleBert {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl Packed {
+    /// The packed weights on a CUDA device, when the kernels cover the model's shape
+    /// (hidden ≤ 1024, heads of 32 or 64); `None` keeps the padded path.
+    fn load(
+        vb: &VarBuilder,
+        c: &BertConfig,
+        word: &Tensor,
+        position: &Tensor,
+        token_type: &Tensor,
+    ) -> candle_core::Result<Option<Self>> {
+        use super::cuda_ops::{HEAD_DIMS, MAX_HIDDEN};
+        let h = c.hidden_size;
+        if !vb.device().is_cuda()
+            || h > MAX_HIDDEN
+            || h % c.num_attention_heads != 0
+            || !HEAD_DIMS.contains(&(h / c.num_attention_heads))
+        {
+            return Ok(None);
+        }
+        let t = |w: Tensor| w.t()?.contiguous();
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let l = vb.pp(format!("encoder.layer.{i}"));
+                let a = l.pp("attention");
+                let part =
+                    |name: &str, what: &str| a.pp(format!("self.{name}")).get_unchecked(what);
+                let qkv_w = Tensor::cat(
+                    &[
+                        part("query", "weight")?,
+                        part("key", "weight")?,
+                        part("value", "weight")?,
+                    ],
+                    0,
+                )?;
+                let qkv_b = Tensor::cat(
+                    &[
+                        part("query", "bias")?,
+                        part("key", "bias")?,
+                        part("value", "bias")?,
+                    ],
+                    0,
+                )?;
+                let dense = |p: VarBuilder| -> candle_core::Result<(Tensor, Tensor)> {
+                    Ok((t(p.get_unchecked("weight")?)?, p.get_unchecked("bias")?))
+                };
+                let (out_w, out_b) = dense(a.pp("output.dense"))?;
+                let (inter_w, inter_b) = dense(l.pp("intermediate.dense"))?;
+                let (output_w, output_b) = dense(l.pp("output.dense"))?;
+                Ok(PackedLayer {
+                    qkv_w: t(qkv_w)?,
+                    qkv_b,
+                    out_w,
+                    out_b,
+                    attn_ln: LayerNorm::load(a.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
+                    inter_w,
+                    inter_b,
+                    output_w,
+                    output_b,
+                    out_ln: LayerNorm::load(l.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let positions = position.broadcast_add(&token_type.get(0)?)?;
+        Ok(Some(Packed {
+            table: Tensor::cat(&[word, &positions], 0)?.contiguous()?,
+            vocab: word.dim(0)? as u32,
+            layers,
+        }))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl CandleBert {
+    /// The packed CUDA forward: 4 matrix products and 4 fused kernels per layer, no padding.
+    fn forward_packed(&self, p: &Packed, batch: &TokenBatch) -> candle_core::Result<Vec<f32>> {
+        use super::cuda_ops;
+        let index = cuda_ops::PackedIndex::new(
+            &batch.ids,
+            &batch.mask,
+            batch.rows,
+            batch.seq_len,
+            p.vocab,
+            &self.device,
+        )?;
+        let ln = &self.emb_ln;
+        let mut x = cuda_ops::embed_ln(&index, &p.table, &ln.weight, &ln.bias, ln.eps)?;
+        for l in &p.layers {
+            let ctx = cuda_ops::attention(&x.matmul(&l.qkv_w)?, &l.qkv_b, &index, self.heads)?;
+            let (g, b, eps) = (&l.attn_ln.weight, &l.attn_ln.bias, l.attn_ln.eps);
+            x = cuda_ops::bias_residual_ln(&ctx.matmul(&l.out_w)?, &l.out_b, &x, g, b, eps)?;
+            let inter = cuda_ops::bias_gelu(&x.matmul(&l.inter_w)?, &l.inter_b)?;
+            let (g, b, eps) = (&l.out_ln.weight, &l.out_ln.bias, l.out_ln.eps);
+            x = cuda_ops::bias_residual_ln(
+                &inter.matmul(&l.output_w)?,
+                &l.output_b,
+                &x,
+                g,
+                b,
+                eps,
+            )?;
+        }
+        cuda_ops::mean_pool_norm(&x, &index)?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    }
+}
+
 impl EmbeddingBackend for CandleBert {
     fn embed(&mut self, batch: &TokenBatch) -> Result<Vec<Vec<f32>>, EngineError> {
         if batch.rows == 0 {
             return Ok(Vec::new());
         }
+        #[cfg(feature = "cuda")]
+        let pooled = match &self.packed {
+            Some(packed) => self.forward_packed(packed, batch),
+            None => self.forward(batch),
+        }
+        .map_err(EngineError::candle)?;
+        #[cfg(not(feature = "cuda"))]
         let pooled = self.forward(batch).map_err(EngineError::candle)?;
         Ok(pooled
             .chunks_exact(self.hidden)

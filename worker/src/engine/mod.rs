@@ -5,6 +5,8 @@
 //! the disk after loading, and never spawns tasks. The batcher owns when it runs.
 
 mod candle_bert;
+#[cfg(feature = "cuda")]
+mod cuda_ops;
 mod onnx;
 mod q8_bert;
 mod tokenizer;

@@ -162,6 +162,7 @@ pub fn input(md: &ValidDeployment, observed: &Observed, profiles: &Profiles) -> 
             })
             .collect(),
         pending_unschedulable: unschedulable(observed),
+        startup_s: observed.startup_s,
     };
     let signals = match &observed.signals {
         Some(SignalsReading::Fresh(s)) => Some(Signals {

@@ -22,6 +22,9 @@ pub struct Observed {
     pub pdb: Option<ObjectState>,
     /// Problems of worker pods, worst first.
     pub pod_problems: Vec<PodProblem>,
+    /// Median seconds from creation to Ready of the worker pods that became Ready
+    /// without a restart (what a new replica costs in time); none before the first.
+    pub startup_s: Option<f64>,
     /// Serving signals (None when not read, e.g. scaling disabled).
     pub signals: Option<SignalsReading>,
 }
@@ -232,12 +235,12 @@ pub fn owned_objects(now: i64, caches: &Caches, namespace: &str, name: &str) -> 
             .and_then(|a| a.get(APPLIED_HASH).cloned()),
         name: meta.name.unwrap_or_default(),
     };
-    let mut pod_problems: Vec<PodProblem> = caches
-        .pods_of(namespace, name)
-        .iter()
-        .filter_map(|p| pod_problem(p, now))
-        .collect();
+    let pods = caches.pods_of(namespace, name);
+    let mut pod_problems: Vec<PodProblem> =
+        pods.iter().filter_map(|p| pod_problem(p, now)).collect();
     pod_problems.sort();
+    let mut startups: Vec<i64> = pods.iter().filter_map(|p| startup_seconds(p)).collect();
+    startups.sort_unstable();
     Observed {
         deployments: caches
             .deployments_of(namespace, name)
@@ -259,8 +262,35 @@ pub fn owned_objects(now: i64, caches: &Caches, namespace: &str, name: &str) -> 
             .filter(|m| belongs_to(m, namespace, name))
             .map(object_state),
         pod_problems,
+        startup_s: startups.get(startups.len() / 2).map(|&s| s as f64),
         signals: None,
     }
+}
+
+/// Seconds from a pod's creation to its Ready condition, for a pod that is Ready and
+/// whose containers never restarted (a later Ready after a crash says nothing of how
+/// long a new replica takes).
+pub fn startup_seconds(pod: &CachedPod) -> Option<i64> {
+    let created = pod.metadata.creation_timestamp.as_ref()?.0.as_second();
+    let status = pod.status.as_ref()?;
+    if pod.metadata.deletion_timestamp.is_some()
+        || status
+            .container_statuses
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.restart_count > 0)
+    {
+        return None;
+    }
+    let ready = status
+        .conditions
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")?;
+    let at = ready.last_transition_time.as_ref()?.0.as_second();
+    (at >= created).then_some(at - created)
 }
 
 #[cfg(test)]
@@ -325,6 +355,38 @@ mod tests {
         let problem = pod_problem(&p, created + 120).unwrap();
         assert_eq!(problem.reason(), "ContainerNotCreated");
         assert!(problem.message().contains("120s"), "{}", problem.message());
+    }
+
+    #[test]
+    fn startup_is_creation_to_ready_of_pods_that_never_restarted() {
+        let at = |created: &str, status: serde_json::Value| -> CachedPod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "p-1", "creationTimestamp": created},
+                "status": status
+            }))
+            .unwrap()
+        };
+        let ready = |at: &str, restarts: i32| {
+            json!({"phase": "Running",
+                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": at}],
+                "containerStatuses": [{"name": "worker", "image": "w", "imageID": "", "ready": true,
+                    "restartCount": restarts, "state": {"running": {}}}]})
+        };
+        let table = [
+            (ready("2026-11-22T10:00:12Z", 0), Some(12)),
+            // Restarted: its Ready time is the restart's, not the startup's.
+            (ready("2026-11-22T10:05:00Z", 1), None),
+            // Not Ready yet.
+            (
+                json!({"phase": "Pending", "conditions": [{"type": "Ready", "status": "False",
+                    "lastTransitionTime": "2026-11-22T10:00:01Z"}]}),
+                None,
+            ),
+        ];
+        for (status, want) in table {
+            let p = at("2026-11-22T10:00:00Z", status.clone());
+            assert_eq!(startup_seconds(&p), want, "{status}");
+        }
     }
 
     #[test]

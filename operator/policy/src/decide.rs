@@ -22,7 +22,8 @@ use crate::memory::{DemandSample, PolicyMemory, Recommendation, SwitchCandidate}
 /// 3. Burst mode when requests in the system reach `burst_threshold` × their
 ///    stable-window mean (or the short-window rate that multiple of the stable rate)
 ///    and need more than the ready replicas: scale-down is held for a stable window.
-///    At its onset, and while the Ready fleet clears it within `backlog_drain_s`, the
+///    At its onset, and while the Ready fleet clears it before a new replica would be
+///    Ready (its observed startup; `backlog_drain_s` until one has been seen), the
 ///    backlog is sized by the rate that clears it in that time.
 /// 4. Up at once; down only to the highest recommendation over
 ///    `scale_down_delay_s`, removing at most `max_scale_down_fraction` per step.
@@ -119,6 +120,11 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         stable_rate: s.arrival_rate,
         forecast_rate,
         speed,
+        drain_horizon_s: input
+            .fleet
+            .startup_s
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .unwrap_or(tuning.backlog_drain_s),
     };
     let plans_for = |mem: &PolicyMemory, bursting: bool| -> Vec<Plan> {
         eligible
@@ -152,7 +158,7 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
         })
         .sum();
     let headroom = ready_capacity - forecast_rate;
-    let drains = headroom > 0.0 && in_system / headroom <= tuning.backlog_drain_s;
+    let drains = headroom > 0.0 && in_system / headroom <= demand.drain_horizon_s;
     let plans = if burst_now || (in_burst && drains) {
         plans_for(&mem, true)
     } else {
@@ -490,8 +496,13 @@ pub fn decide(input: &DecisionInput, memory: &PolicyMemory, now: Timestamp) -> D
                     fmt_n(in_system),
                     if target.queue_rec < queue_rec {
                         format!(
-                            " (the backlog sized to clear within {:.0}s, not at {}/replica)",
-                            tuning.backlog_drain_s,
+                            " (the backlog sized to clear within {:.0}s, {}, not at {}/replica)",
+                            demand.drain_horizon_s,
+                            if input.fleet.startup_s.is_some() {
+                                "a new replica's startup"
+                            } else {
+                                "the default drain time"
+                            },
                             fmt_n(target_q)
                         )
                     } else {
@@ -590,6 +601,9 @@ struct Demand {
     forecast_rate: f64,
     /// Observed ÷ profiled capacity.
     speed: f64,
+    /// A backlog the Ready fleet clears within this many seconds (a new replica's
+    /// observed startup, else `Tuning::backlog_drain_s`) is sized by that drain rate.
+    drain_horizon_s: f64,
 }
 
 /// One variant's sizing at this step.
@@ -632,7 +646,7 @@ fn plan<'a>(
     };
     let rate_rec = needed(d.forecast_rate);
     let queue_rec = if in_burst && input.tuning.backlog_drain_s > 0.0 {
-        let drain = needed(d.forecast_rate + d.in_system / input.tuning.backlog_drain_s);
+        let drain = needed(d.forecast_rate + d.in_system / d.drain_horizon_s);
         d.queue_rec.min(drain)
     } else {
         d.queue_rec

@@ -113,9 +113,10 @@ pub struct Tuning {
     /// Correct profiled capacity online from observed throughput when saturated.
     pub correct_capacity: bool,
     /// At a burst's onset (and in burst mode while the Ready fleet clears it this
-    /// fast) the queue rule sizes a backlog by the rate that clears it within this
-    /// many seconds, about how long a new replica takes to serve: replicas started for
-    /// a backlog the fleet drains before they are Ready only cost.
+    /// fast) the queue rule sizes a backlog by the rate that clears it within the time
+    /// a new replica takes to be Ready (`Fleet::startup_s`), or within this many
+    /// seconds until that has been observed: replicas started for a backlog the fleet
+    /// drains before they are Ready only cost. 0 turns the rule off.
     #[serde(default = "default_backlog_drain_s")]
     pub backlog_drain_s: f64,
 }
@@ -195,6 +196,10 @@ pub struct Fleet {
     pub variants: BTreeMap<String, VariantReplicas>,
     /// The scheduler's reason when some pods are Pending as Unschedulable.
     pub pending_unschedulable: Option<String>,
+    /// Seconds a new replica takes from creation to Ready, as observed (the median of
+    /// the replicas that became Ready without a restart); none until one has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_s: Option<f64>,
 }
 
 impl Fleet {

@@ -33,6 +33,7 @@
 //!     fleet: Fleet {
 //!         variants: BTreeMap::from([("f32".to_string(), VariantReplicas { replicas: 3, ready: 3 })]),
 //!         pending_unschedulable: None,
+//!         startup_s: None,
 //!     },
 //!     signals: Some(Signals {
 //!         queue_depth: 30.0,

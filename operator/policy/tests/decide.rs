@@ -59,6 +59,7 @@ fn fleet(v: &[(&str, u32, u32)]) -> Fleet {
             })
             .collect(),
         pending_unschedulable: None,
+        startup_s: None,
     }
 }
 
@@ -382,7 +383,7 @@ fn burst_mode_sizes_a_backlog_by_the_rate_that_clears_it() {
             assert_eq!(d.reason, DecisionReason::ScaleUpBurst, "{}", d.message);
             assert!(
                 d.message
-                    .ends_with("(the backlog sized to clear within 30s, not at 8/replica)"),
+                    .ends_with("(the backlog sized to clear within 30s, the default drain time, not at 8/replica)"),
                 "{}",
                 d.message
             );
@@ -413,6 +414,34 @@ fn burst_mode_sizes_a_backlog_by_the_rate_that_clears_it() {
         );
         assert_eq!(reps(&d, "f32"), want, "{rate}: {}", d.message);
     }
+    // Once a new replica's startup has been observed (10 s here), it is the horizon:
+    // at the onset 3000 waiting are sized to clear within 10 s, (100 + 300)/80 → 5;
+    // after it, a fleet that needs 15 s to clear them is not clearing them before new
+    // replicas would serve, so the plain rule sizes them (3000/8 = 375).
+    let startup = |mut i: DecisionInput| {
+        i.fleet.startup_s = Some(10.0);
+        with_signals(i, |s| {
+            s.arrival_rate = 100.0;
+            s.arrival_rate_short = Some(100.0);
+            s.in_flight = 3000.0;
+        })
+    };
+    let d = decide(&startup(base()), &mem_with_demand(5, 40.0), T0);
+    assert_eq!(d.recommendations.queue_depth, 5, "{}", d.message);
+    assert_eq!(reps(&d, "f32"), 5, "{}", d.message);
+    assert!(
+        d.message.ends_with(
+            "(the backlog sized to clear within 10s, a new replica's startup, not at 8/replica)"
+        ),
+        "{}",
+        d.message
+    );
+    let mut mem = mem_with_demand(5, 3000.0);
+    mem.burst_until = Some(T0.plus(30.0));
+    let d = decide(&startup(base()), &mem, T0);
+    assert!(d.recommendations.burst, "{}", d.message);
+    assert_eq!(d.recommendations.queue_depth, 375, "{}", d.message);
+
     // Outside burst mode the queue rule is the plain one: 64 in the system, 8 each.
     let steady = with_signals(base(), |s| s.in_flight = 64.0);
     let d = decide(&steady, &mem_target("f32"), T0);

@@ -97,6 +97,15 @@ pub struct View<'a> {
     pub fleet: Vec<VariantCount>,
     /// Some replica is Pending as Unschedulable.
     pub pending: bool,
+    /// Median creation-to-Ready seconds of the replicas started so far (what the
+    /// operator reads from its pods); none before the first.
+    pub startup_s: Option<f64>,
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
 }
 
 impl View<'_> {
@@ -230,6 +239,8 @@ struct Fleet<'c> {
     arrivals: u64,
     rejected: u64,
     queued: u64,
+    /// Creation-to-Ready seconds of every replica that became Ready after starting.
+    startups: Vec<f64>,
 }
 
 impl Fleet<'_> {
@@ -426,6 +437,7 @@ pub fn run(arrivals: &[f64], cfg: &ModelConfig, policy: &mut dyn Autoscaler) -> 
         arrivals: 0,
         rejected: 0,
         queued: 0,
+        startups: Vec::new(),
     };
     let mut desired: Replicas = policy.initial();
     for (&v, &n) in &desired {
@@ -460,6 +472,8 @@ pub fn run(arrivals: &[f64], cfg: &ModelConfig, policy: &mut dyn Autoscaler) -> 
                         let r = &mut fleet.replicas[i];
                         if r.alive() && !r.draining {
                             r.ready = true;
+                            let startup = e.t - r.created;
+                            fleet.startups.push(startup);
                             fleet.reroute();
                         }
                     }
@@ -491,6 +505,7 @@ pub fn run(arrivals: &[f64], cfg: &ModelConfig, policy: &mut dyn Autoscaler) -> 
                 latencies: &fleet.latencies,
                 fleet: (0..cfg.variants.len()).map(|v| fleet.count(v)).collect(),
                 pending: fleet.replicas.iter().any(|r| r.alive() && r.pending),
+                startup_s: median(&fleet.startups),
             };
             let want = policy.evaluate(tick_t, &view);
             let mut changed = false;

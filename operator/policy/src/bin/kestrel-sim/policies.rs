@@ -117,6 +117,7 @@ impl Autoscaler for Kestrel {
                 "0/N nodes are available: Insufficient resources (simulated --max-scheduled)"
                     .to_string()
             }),
+            startup_s: view.startup_s,
         };
         let input = DecisionInput {
             targets: self.targets.clone(),

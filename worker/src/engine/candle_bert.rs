@@ -86,7 +86,8 @@ fn bias_columns(rows: usize, dtype: DType, device: &Device) -> candle_core::Resu
 }
 
 /// One layer of the packed CUDA path: weights pre-transposed to `[in, out]` for plain
-/// matrix products; biases go to the fused kernels that follow them.
+/// matrix products, in the model's type; biases (f32) go to the fused kernels that follow
+/// them, as do the layer norms (f32).
 #[cfg(feature = "cuda")]
 struct PackedLayer {
     qkv_w: Tensor,
@@ -108,6 +109,8 @@ struct Packed {
     /// `[vocab + positions, hidden]`: word rows, then position rows with the token-type
     /// row added.
     table: Tensor,
+    /// The embeddings' layer norm, f32.
+    emb_ln: LayerNorm,
     vocab: u32,
     layers: Vec<PackedLayer>,
 }
@@ -312,57 +315,52 @@ impl Packed {
         let h = c.hidden_size;
         if !vb.device().is_cuda()
             || h > MAX_HIDDEN
-            || h % c.num_attention_heads != 0
+            || !h.is_multiple_of(c.num_attention_heads)
             || !HEAD_DIMS.contains(&(h / c.num_attention_heads))
         {
             return Ok(None);
         }
         let t = |w: Tensor| w.t()?.contiguous();
+        // Biases and layer norms read as f32 from the file, not through the model's type.
+        let f32_vb = vb.to_dtype(DType::F32);
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
-                let l = vb.pp(format!("encoder.layer.{i}"));
-                let a = l.pp("attention");
-                let part =
-                    |name: &str, what: &str| a.pp(format!("self.{name}")).get_unchecked(what);
-                let qkv_w = Tensor::cat(
-                    &[
-                        part("query", "weight")?,
-                        part("key", "weight")?,
-                        part("value", "weight")?,
-                    ],
-                    0,
-                )?;
-                let qkv_b = Tensor::cat(
-                    &[
-                        part("query", "bias")?,
-                        part("key", "bias")?,
-                        part("value", "bias")?,
-                    ],
-                    0,
-                )?;
-                let dense = |p: VarBuilder| -> candle_core::Result<(Tensor, Tensor)> {
-                    Ok((t(p.get_unchecked("weight")?)?, p.get_unchecked("bias")?))
+                let prefix = format!("encoder.layer.{i}");
+                let (l, lf) = (vb.pp(&prefix), f32_vb.pp(&prefix));
+                let (a, af) = (l.pp("attention"), lf.pp("attention"));
+                let qkv = |vb: &VarBuilder, what: &str| {
+                    let part = |name: &str| vb.pp(format!("self.{name}")).get_unchecked(what);
+                    Tensor::cat(&[part("query")?, part("key")?, part("value")?], 0)
                 };
-                let (out_w, out_b) = dense(a.pp("output.dense"))?;
-                let (inter_w, inter_b) = dense(l.pp("intermediate.dense"))?;
-                let (output_w, output_b) = dense(l.pp("output.dense"))?;
+                let dense = |name: &str, vb: &VarBuilder, vbf: &VarBuilder| {
+                    let (p, pf) = (vb.pp(name), vbf.pp(name));
+                    candle_core::Result::Ok((
+                        t(p.get_unchecked("weight")?)?,
+                        pf.get_unchecked("bias")?,
+                    ))
+                };
+                let (out_w, out_b) = dense("output.dense", &a, &af)?;
+                let (inter_w, inter_b) = dense("intermediate.dense", &l, &lf)?;
+                let (output_w, output_b) = dense("output.dense", &l, &lf)?;
+                let eps = c.layer_norm_eps;
                 Ok(PackedLayer {
-                    qkv_w: t(qkv_w)?,
-                    qkv_b,
+                    qkv_w: t(qkv(&a, "weight")?)?,
+                    qkv_b: qkv(&af, "bias")?,
                     out_w,
                     out_b,
-                    attn_ln: LayerNorm::load(a.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
+                    attn_ln: LayerNorm::load(af.pp("output.LayerNorm"), h, eps)?,
                     inter_w,
                     inter_b,
                     output_w,
                     output_b,
-                    out_ln: LayerNorm::load(l.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
+                    out_ln: LayerNorm::load(lf.pp("output.LayerNorm"), h, eps)?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let positions = position.broadcast_add(&token_type.get(0)?)?;
         Ok(Some(Packed {
             table: Tensor::cat(&[word, &positions], 0)?.contiguous()?,
+            emb_ln: LayerNorm::load(f32_vb.pp("embeddings.LayerNorm"), h, c.layer_norm_eps)?,
             vocab: word.dim(0)? as u32,
             layers,
         }))
@@ -382,7 +380,7 @@ impl CandleBert {
             p.vocab,
             &self.device,
         )?;
-        let ln = &self.emb_ln;
+        let ln = &p.emb_ln;
         let mut x = cuda_ops::embed_ln(&index, &p.table, &ln.weight, &ln.bias, ln.eps)?;
         for l in &p.layers {
             let ctx = cuda_ops::attention(&x.matmul(&l.qkv_w)?, &l.qkv_b, &index, self.heads)?;

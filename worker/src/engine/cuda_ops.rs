@@ -4,6 +4,7 @@
 //!
 //! Rows are packed tokens; one `u32` index tensor carries the word ids, the position
 //! rows and the sequence offsets (`cu`, `sequences + 1` entries) of a call ([`PackedIndex`]).
+//! Biases and layer-norm parameters are f32 whatever the activations' type ([`param`]).
 
 use std::ops::Range;
 
@@ -26,6 +27,30 @@ const POOL_THREADS: u32 = 128;
 pub const MAX_HIDDEN: usize = 1024;
 /// Head widths the attention kernel is instantiated for.
 pub const HEAD_DIMS: [usize; 2] = [32, 64];
+
+/// `KESTREL_GEMM_REDUCED_PRECISION=1` lets cuBLAS reduce split products in the output
+/// type (f16, bf16), as its default and PyTorch's do; without it every reduction stays f32.
+pub const GEMM_REDUCED_PRECISION_ENV: &str = "KESTREL_GEMM_REDUCED_PRECISION";
+
+/// Keeps cuBLAS's reductions in f32 on a CUDA device, unless
+/// [`GEMM_REDUCED_PRECISION_ENV`] is `1`. Returns whether reduced precision is allowed.
+pub fn set_gemm_precision(device: &Device) -> Result<bool> {
+    use candle_core::cuda_backend::cudarc::cublas::sys;
+    let Device::Cuda(d) = device else {
+        return Ok(false);
+    };
+    if std::env::var(GEMM_REDUCED_PRECISION_ENV).as_deref() == Ok("1") {
+        return Ok(true);
+    }
+    let blas = d.cublas_handle();
+    let mode = sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION;
+    // SAFETY: the handle is candle's live cuBLAS handle; setting its math mode changes only
+    // how later products on it reduce.
+    unsafe { sys::cublasSetMathMode(*blas.handle(), mode) }
+        .result()
+        .map_err(|e| candle_core::Error::Msg(format!("cublasSetMathMode: {e:?}")))?;
+    Ok(false)
+}
 
 /// Storage types with kernels: f32, f16, bf16.
 trait Element: CudaDType + DeviceRepr {
@@ -142,6 +167,17 @@ fn view<'a, T: CudaDType>(
     })
 }
 
+/// A bias or layer-norm parameter: f32 for every storage type (`bert.cu` says why).
+fn param<'a>(s: &'a Storage, l: &Layout, t: &Tensor, what: &str) -> Result<CudaView<'a, f32>> {
+    if t.dtype() != DType::F32 {
+        bail!(
+            "kestrel CUDA kernels: {what} is {:?}; parameters are f32",
+            t.dtype()
+        )
+    }
+    view::<f32>(s, l, None)
+}
+
 fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: (usize, usize)) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
@@ -192,8 +228,8 @@ fn embed_ln_t<T: Element>(
     let pos = view::<u32>(&is, il, Some(index.positions()))?;
     let (t, g, b) = (
         view::<T>(&ts, tl, None)?,
-        view::<T>(&gs, gl, None)?,
-        view::<T>(&bs, bl, None)?,
+        param(&gs, gl, gamma, "layer-norm weight")?,
+        param(&bs, bl, beta, "layer-norm bias")?,
     );
     // SAFETY: every element is written by the kernel below.
     let out = unsafe { dev.alloc::<T>(rows * cols)? };
@@ -213,7 +249,8 @@ fn embed_ln_t<T: Element>(
     Ok(wrap(out, &dev, (rows, cols)))
 }
 
-/// `layer_norm(y + bias + residual)`, all `[rows, hidden]` but `bias`, `gamma`, `beta`.
+/// `layer_norm(y + bias + residual)`, all `[rows, hidden]` but `bias`, `gamma`, `beta`
+/// (`[hidden]`, f32).
 pub fn bias_residual_ln(
     y: &Tensor,
     bias: &Tensor,
@@ -252,10 +289,10 @@ fn bias_residual_ln_t<T: Element>(
     let (gs, gl) = gamma.storage_and_layout();
     let (es, el) = beta.storage_and_layout();
     let yv = view::<T>(&ys, yl, None)?;
-    let bv = view::<T>(&bs, bl, None)?;
+    let bv = param(&bs, bl, bias, "bias")?;
     let rv = view::<T>(&rs, rl, None)?;
-    let gv = view::<T>(&gs, gl, None)?;
-    let ev = view::<T>(&es, el, None)?;
+    let gv = param(&gs, gl, gamma, "layer-norm weight")?;
+    let ev = param(&es, el, beta, "layer-norm bias")?;
     // SAFETY: every element is written by the kernel below.
     let out = unsafe { dev.alloc::<T>(rows * cols)? };
     let name = format!("bias_residual_ln_{}", T::SUFFIX);
@@ -275,7 +312,7 @@ fn bias_residual_ln_t<T: Element>(
     Ok(wrap(out, &dev, (rows, cols)))
 }
 
-/// `gelu_erf(x + bias)` for `x` of `[rows, cols]`.
+/// `gelu_erf(x + bias)` for `x` of `[rows, cols]` (`bias` f32).
 pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     by_dtype!(x.dtype(), bias_gelu_t(x, bias))
 }
@@ -288,7 +325,7 @@ fn bias_gelu_t<T: Element>(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let dev = cuda_device(x)?;
     let (xs, xl) = x.storage_and_layout();
     let (bs, bl) = bias.storage_and_layout();
-    let (xv, bv) = (view::<T>(&xs, xl, None)?, view::<T>(&bs, bl, None)?);
+    let (xv, bv) = (view::<T>(&xs, xl, None)?, param(&bs, bl, bias, "bias")?);
     // SAFETY: every element is written by the kernel below.
     let out = unsafe { dev.alloc::<T>(rows * cols)? };
     let func = dev.get_or_load_custom_func(&format!("bias_gelu_{}", T::SUFFIX), MODULE, PTX)?;
@@ -307,7 +344,7 @@ fn bias_gelu_t<T: Element>(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 /// Self-attention of every packed sequence: `qkv` is `[tokens, 3·hidden]` (the fused
-/// product without its bias, which the kernel adds), the result `[tokens, hidden]`.
+/// product without its bias, which the kernel adds, f32), the result `[tokens, hidden]`.
 pub fn attention(qkv: &Tensor, bias: &Tensor, index: &PackedIndex, heads: usize) -> Result<Tensor> {
     by_dtype!(qkv.dtype(), attention_t(qkv, bias, index, heads))
 }
@@ -335,7 +372,7 @@ fn attention_t<T: Element>(
     let (bs, bl) = bias.storage_and_layout();
     let (is, il) = index.tensor.storage_and_layout();
     let qv = view::<T>(&qs, ql, None)?;
-    let bv = view::<T>(&bs, bl, None)?;
+    let bv = param(&bs, bl, bias, "QKV bias")?;
     let cu = view::<u32>(&is, il, Some(index.cu()))?;
     // SAFETY: every row of every head is written by the kernel below.
     let out = unsafe { dev.alloc::<T>(rows * hidden)? };

@@ -149,7 +149,19 @@ impl Device {
                     reason,
                 };
                 match std::panic::catch_unwind(|| candle_core::Device::new_cuda(ordinal)) {
-                    Ok(Ok(device)) => Ok(device),
+                    Ok(Ok(device)) => {
+                        #[cfg(feature = "cuda")]
+                        {
+                            let reduced = cuda_ops::set_gemm_precision(&device)
+                                .map_err(|e| unavailable(e.to_string()))?;
+                            tracing::info!(
+                                device = %self,
+                                gemm_reduced_precision = reduced,
+                                "CUDA device ready"
+                            );
+                        }
+                        Ok(device)
+                    }
                     Ok(Err(e)) => Err(unavailable(e.to_string())),
                     Err(panic) => Err(unavailable(
                         panic

@@ -10,8 +10,8 @@
 //   bias_residual_ln   y + bias + residual, then layer norm
 //   mean_pool_norm     mean over each sequence's rows, L2-normalized, written as f32
 // Biases and layer-norm parameters are f32 for every storage type: rounding them to bf16
-// alone cost a third of bf16's distance to f32 (1 - min cosine 9.5e-5 -> 6.3e-5 on the
-// quality sentences, emulated), and they are a few KB.
+// alone cost a third of bf16's distance to f32 (1 - min cosine 9.4e-5 -> 5.8e-5 on the
+// quality sentences, worker/scripts/precision_emulation.py), and they are a few KB.
 // Built to PTX by worker/build.rs (feature `cuda`) and loaded by candle's CUDA device.
 
 #include <cuda_fp16.h>

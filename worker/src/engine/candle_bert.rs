@@ -109,8 +109,6 @@ struct Packed {
     /// `[vocab + positions, hidden]`: word rows, then position rows with the token-type
     /// row added.
     table: Tensor,
-    /// The embeddings' layer norm, f32.
-    emb_ln: LayerNorm,
     vocab: u32,
     layers: Vec<PackedLayer>,
 }
@@ -128,6 +126,7 @@ pub struct CandleBert {
     word: Embedding,
     position: Embedding,
     token_type: Tensor,
+    /// In the model's type; f32 when `packed` is set (the fused kernels' parameters are f32).
     emb_ln: LayerNorm,
     layers: Vec<Layer>,
     #[cfg(feature = "cuda")]
@@ -193,7 +192,11 @@ impl CandleBert {
                 word: Embedding::new(word_w, h),
                 position: Embedding::new(pos_w, h),
                 token_type: tt_w.get(0)?,
-                emb_ln: LayerNorm::load(emb.pp("LayerNorm"), h, c.layer_norm_eps)?,
+                emb_ln: LayerNorm::load(
+                    emb.to_dtype(DType::F32).pp("LayerNorm"),
+                    h,
+                    c.layer_norm_eps,
+                )?,
                 layers: Vec::new(),
                 packed: Some(packed),
                 heads: c.num_attention_heads,
@@ -360,7 +363,6 @@ impl Packed {
         let positions = position.broadcast_add(&token_type.get(0)?)?;
         Ok(Some(Packed {
             table: Tensor::cat(&[word, &positions], 0)?.contiguous()?,
-            emb_ln: LayerNorm::load(f32_vb.pp("embeddings.LayerNorm"), h, c.layer_norm_eps)?,
             vocab: word.dim(0)? as u32,
             layers,
         }))
@@ -380,7 +382,7 @@ impl CandleBert {
             p.vocab,
             &self.device,
         )?;
-        let ln = &p.emb_ln;
+        let ln = &self.emb_ln;
         let mut x = cuda_ops::embed_ln(&index, &p.table, &ln.weight, &ln.bias, ln.eps)?;
         for l in &p.layers {
             let ctx = cuda_ops::attention(&x.matmul(&l.qkv_w)?, &l.qkv_b, &index, self.heads)?;

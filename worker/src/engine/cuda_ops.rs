@@ -344,7 +344,8 @@ fn bias_gelu_t<T: Element>(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 /// Self-attention of every packed sequence: `qkv` is `[tokens, 3·hidden]` (the fused
-/// product without its bias, which the kernel adds, f32), the result `[tokens, hidden]`.
+/// product without its bias), `bias` the f32 QKV bias the kernel adds, the result
+/// `[tokens, hidden]`.
 pub fn attention(qkv: &Tensor, bias: &Tensor, index: &PackedIndex, heads: usize) -> Result<Tensor> {
     by_dtype!(qkv.dtype(), attention_t(qkv, bias, index, heads))
 }

@@ -303,6 +303,14 @@ impl CandleBert {
     }
 }
 
+/// `vb`'s tensor `name` in `vb`'s own type, whatever its shape. Candle's `get_unchecked`
+/// reads in the type the builder was *created* with and ignores `to_dtype`, which once
+/// handed the f32-only CUDA kernels f16 biases (caught only on a GPU).
+#[cfg(any(feature = "cuda", test))]
+fn unchecked(vb: &VarBuilder, name: &str) -> candle_core::Result<Tensor> {
+    vb.get_unchecked_dtype(name, vb.dtype())
+}
+
 #[cfg(feature = "cuda")]
 impl Packed {
     /// The packed weights on a CUDA device, when the kernels cover the model's shape
@@ -332,15 +340,12 @@ impl Packed {
                 let (l, lf) = (vb.pp(&prefix), f32_vb.pp(&prefix));
                 let (a, af) = (l.pp("attention"), lf.pp("attention"));
                 let qkv = |vb: &VarBuilder, what: &str| {
-                    let part = |name: &str| vb.pp(format!("self.{name}")).get_unchecked(what);
+                    let part = |name: &str| unchecked(&vb.pp(format!("self.{name}")), what);
                     Tensor::cat(&[part("query")?, part("key")?, part("value")?], 0)
                 };
                 let dense = |name: &str, vb: &VarBuilder, vbf: &VarBuilder| {
                     let (p, pf) = (vb.pp(name), vbf.pp(name));
-                    candle_core::Result::Ok((
-                        t(p.get_unchecked("weight")?)?,
-                        pf.get_unchecked("bias")?,
-                    ))
+                    candle_core::Result::Ok((t(unchecked(&p, "weight")?)?, unchecked(&pf, "bias")?))
                 };
                 let (out_w, out_b) = dense("output.dense", &a, &af)?;
                 let (inter_w, inter_b) = dense("intermediate.dense", &l, &lf)?;
@@ -434,5 +439,29 @@ impl EmbeddingBackend for CandleBert {
         } else {
             PADDING_SLACK
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn a_parameter_read_through_an_f32_view_is_f32_in_a_half_precision_model() {
+        let bias = Tensor::new(&[0.1f32, -2.5, 3.0e-3], &Device::Cpu).unwrap();
+        let tensors = HashMap::from([("layer.bias".to_string(), bias.clone())]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F16, &Device::Cpu);
+
+        let half = unchecked(&vb.pp("layer"), "bias").unwrap();
+        let full = unchecked(&vb.to_dtype(DType::F32).pp("layer"), "bias").unwrap();
+
+        assert_eq!(half.dtype(), DType::F16);
+        assert_eq!(full.dtype(), DType::F32);
+        assert_eq!(
+            full.to_vec1::<f32>().unwrap(),
+            bias.to_vec1::<f32>().unwrap()
+        );
     }
 }

@@ -10,6 +10,12 @@
 //! the GPU time at batch 256): each bias rides in its matrix product as an extra input
 //! column of ones (`BiasedLinear`), the attention mask is expanded once per call, and
 //! pooling is a matrix product with the mask.
+//!
+//! On a CUDA device whose shape the worker's kernels cover, the encoder is `Packed`
+//! instead: its weights are prepared on the host and copied over, so that none of
+//! candle's own kernels runs on the GPU. Each candle kernel module the driver meets is
+//! JIT-compiled from PTX on first use (binary ops alone: ~6 s of `ptxas`), and a new pod
+//! would pay that on every start (docs/benchmarks.md, "Startup on a GPU").
 
 use std::path::Path;
 
@@ -47,6 +53,14 @@ impl LayerNorm {
     }
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
+    }
+    #[cfg(feature = "cuda")]
+    fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        Ok(LayerNorm {
+            weight: self.weight.to_device(device)?,
+            bias: self.bias.to_device(device)?,
+            eps: self.eps,
+        })
     }
 }
 
@@ -88,7 +102,7 @@ fn bias_columns(rows: usize, dtype: DType, device: &Device) -> candle_core::Resu
 /// One layer of the packed CUDA path: weights pre-transposed to `[in, out]` for plain
 /// matrix products, in the model's type; biases (f32) go to the fused kernels that follow
 /// them, as do the layer norms (f32).
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", test))]
 struct PackedLayer {
     qkv_w: Tensor,
     qkv_b: Tensor,
@@ -104,13 +118,31 @@ struct PackedLayer {
 
 /// The packed CUDA encoder (`cuda_ops`): sequences without padding, one fused kernel
 /// between matrix products.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", test))]
 struct Packed {
     /// `[vocab + positions, hidden]`: word rows, then position rows with the token-type
     /// row added.
     table: Tensor,
     vocab: u32,
+    /// The embeddings' layer norm (f32).
+    emb_ln: LayerNorm,
     layers: Vec<PackedLayer>,
+}
+
+/// The padded encoder: candle's ops, on any device.
+struct Padded {
+    word: Embedding,
+    position: Embedding,
+    token_type: Tensor,
+    /// In the model's type.
+    emb_ln: LayerNorm,
+    layers: Vec<Layer>,
+}
+
+enum Encoder {
+    Padded(Padded),
+    #[cfg(feature = "cuda")]
+    Packed(Packed),
 }
 
 struct Layer {
@@ -123,14 +155,7 @@ struct Layer {
 }
 
 pub struct CandleBert {
-    word: Embedding,
-    position: Embedding,
-    token_type: Tensor,
-    /// In the model's type; f32 when `packed` is set (the fused kernels' parameters are f32).
-    emb_ln: LayerNorm,
-    layers: Vec<Layer>,
-    #[cfg(feature = "cuda")]
-    packed: Option<Packed>,
+    encoder: Encoder,
     heads: usize,
     hidden: usize,
     dtype: DType,
@@ -163,16 +188,32 @@ impl CandleBert {
             }
         };
         let weights = model_dir.join("model.safetensors");
+        let file_error = |e: candle_core::Error| EngineError::ModelFile {
+            path: weights.clone(),
+            message: e.to_string(),
+        };
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() && Packed::covers(&config) {
+            // Prepared on the host (see the module's doc), then copied to the GPU.
+            // SAFETY: the weights file is mapped read-only and not modified while mapped.
+            let host =
+                unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, &Device::Cpu) }
+                    .map_err(file_error)?;
+            let packed = Packed::load(&host, &config)
+                .and_then(|p| p.to_device(&device))
+                .map_err(file_error)?;
+            return Ok(CandleBert {
+                encoder: Encoder::Packed(packed),
+                heads: config.num_attention_heads,
+                hidden: config.hidden_size,
+                dtype,
+                device,
+            });
+        }
         // SAFETY: the weights file is mapped read-only and not modified while mapped.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, &device) }
-            .map_err(|e| EngineError::ModelFile {
-                path: weights.clone(),
-                message: e.to_string(),
-            })?;
-        Self::from_var_builder(vb, &config, dtype, device).map_err(|e| EngineError::ModelFile {
-            path: weights,
-            message: e.to_string(),
-        })
+            .map_err(file_error)?;
+        Self::from_var_builder(vb, &config, dtype, device).map_err(file_error)
     }
 
     fn from_var_builder(
@@ -186,25 +227,6 @@ impl CandleBert {
         let word_w = emb.pp("word_embeddings").get_unchecked("weight")?;
         let pos_w = emb.pp("position_embeddings").get_unchecked("weight")?;
         let tt_w = emb.pp("token_type_embeddings").get_unchecked("weight")?;
-        #[cfg(feature = "cuda")]
-        if let Some(packed) = Packed::load(&vb, c, &word_w, &pos_w, &tt_w)? {
-            return Ok(CandleBert {
-                word: Embedding::new(word_w, h),
-                position: Embedding::new(pos_w, h),
-                token_type: tt_w.get(0)?,
-                emb_ln: LayerNorm::load(
-                    emb.to_dtype(DType::F32).pp("LayerNorm"),
-                    h,
-                    c.layer_norm_eps,
-                )?,
-                layers: Vec::new(),
-                packed: Some(packed),
-                heads: c.num_attention_heads,
-                hidden: h,
-                dtype,
-                device,
-            });
-        }
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let l = vb.pp(format!("encoder.layer.{i}"));
@@ -236,13 +258,13 @@ impl CandleBert {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(CandleBert {
-            word: Embedding::new(word_w, h),
-            position: Embedding::new(pos_w, h),
-            token_type: tt_w.get(0)?,
-            emb_ln: LayerNorm::load(emb.pp("LayerNorm"), h, c.layer_norm_eps)?,
-            layers,
-            #[cfg(feature = "cuda")]
-            packed: None,
+            encoder: Encoder::Padded(Padded {
+                word: Embedding::new(word_w, h),
+                position: Embedding::new(pos_w, h),
+                token_type: tt_w.get(0)?,
+                emb_ln: LayerNorm::load(emb.pp("LayerNorm"), h, c.layer_norm_eps)?,
+                layers,
+            }),
             heads: c.num_attention_heads,
             hidden: h,
             dtype,
@@ -251,18 +273,18 @@ impl CandleBert {
     }
 
     /// Embeddings of the batch, `rows × hidden` row-major, mean-pooled and normalized.
-    fn forward(&self, batch: &TokenBatch) -> candle_core::Result<Vec<f32>> {
+    fn forward(&self, p: &Padded, batch: &TokenBatch) -> candle_core::Result<Vec<f32>> {
         let (b, l, h) = (batch.rows, batch.seq_len, self.hidden);
         let (heads, hd) = (self.heads, h / self.heads);
         let ids = Tensor::from_slice(&batch.ids, (b, l), &self.device)?;
         let positions = Tensor::arange(0u32, l as u32, &self.device)?;
-        let x = self
+        let x = p
             .word
             .forward(&ids)?
-            .broadcast_add(&self.position.forward(&positions)?)?
-            .broadcast_add(&self.token_type)?;
+            .broadcast_add(&p.position.forward(&positions)?)?
+            .broadcast_add(&p.token_type)?;
         // Rows are tokens from here on: [b·l, h].
-        let mut x = self.emb_ln.forward(&x)?.reshape((b * l, h))?;
+        let mut x = p.emb_ln.forward(&x)?.reshape((b * l, h))?;
         let ones = bias_columns(b * l, self.dtype, &self.device)?;
         let real = Tensor::from_slice(&batch.mask, (b, l), &self.device)?.to_dtype(DType::F32)?;
         // Additive mask, 0 for real tokens and a large negative number for padding,
@@ -272,7 +294,7 @@ impl CandleBert {
             .broadcast_as((b, heads, l, l))?
             .contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
-        for layer in &self.layers {
+        for layer in &p.layers {
             let qkv = layer
                 .qkv
                 .forward(&x, &ones)?
@@ -311,26 +333,27 @@ fn unchecked(vb: &VarBuilder, name: &str) -> candle_core::Result<Tensor> {
     vb.get_unchecked_dtype(name, vb.dtype())
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", test))]
 impl Packed {
-    /// The packed weights on a CUDA device, when the kernels cover the model's shape
-    /// (hidden ≤ 1024, heads of 32 or 64); `None` keeps the padded path.
-    fn load(
-        vb: &VarBuilder,
-        c: &BertConfig,
-        word: &Tensor,
-        position: &Tensor,
-        token_type: &Tensor,
-    ) -> candle_core::Result<Option<Self>> {
+    /// Whether the worker's kernels cover the model's shape: hidden ≤ 1024, heads of 32
+    /// or 64. Another shape keeps the padded path.
+    #[cfg(feature = "cuda")]
+    fn covers(c: &BertConfig) -> bool {
         use super::cuda_ops::{HEAD_DIMS, MAX_HIDDEN};
         let h = c.hidden_size;
-        if !vb.device().is_cuda()
-            || h > MAX_HIDDEN
-            || !h.is_multiple_of(c.num_attention_heads)
-            || !HEAD_DIMS.contains(&(h / c.num_attention_heads))
-        {
-            return Ok(None);
-        }
+        h <= MAX_HIDDEN
+            && h.is_multiple_of(c.num_attention_heads)
+            && HEAD_DIMS.contains(&(h / c.num_attention_heads))
+    }
+
+    /// The packed weights from `vb`, on its device: matrices in its type, transposed to
+    /// `[in, out]`; biases and layer norms f32 (`bert.cu` says why).
+    fn load(vb: &VarBuilder, c: &BertConfig) -> candle_core::Result<Self> {
+        let h = c.hidden_size;
+        let emb = vb.pp("embeddings");
+        let word = unchecked(&emb.pp("word_embeddings"), "weight")?;
+        let position = unchecked(&emb.pp("position_embeddings"), "weight")?;
+        let token_type = unchecked(&emb.pp("token_type_embeddings"), "weight")?;
         let t = |w: Tensor| w.t()?.contiguous();
         // Biases and layer norms read as f32 from the file, not through the model's type.
         let f32_vb = vb.to_dtype(DType::F32);
@@ -366,11 +389,41 @@ impl Packed {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let positions = position.broadcast_add(&token_type.get(0)?)?;
-        Ok(Some(Packed {
-            table: Tensor::cat(&[word, &positions], 0)?.contiguous()?,
+        Ok(Packed {
+            table: Tensor::cat(&[&word, &positions], 0)?.contiguous()?,
             vocab: word.dim(0)? as u32,
+            emb_ln: LayerNorm::load(f32_vb.pp("embeddings.LayerNorm"), h, c.layer_norm_eps)?,
             layers,
-        }))
+        })
+    }
+
+    /// A copy on `device`: plain host-to-device copies, no kernel.
+    #[cfg(feature = "cuda")]
+    fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(PackedLayer {
+                    qkv_w: l.qkv_w.to_device(device)?,
+                    qkv_b: l.qkv_b.to_device(device)?,
+                    out_w: l.out_w.to_device(device)?,
+                    out_b: l.out_b.to_device(device)?,
+                    attn_ln: l.attn_ln.to_device(device)?,
+                    inter_w: l.inter_w.to_device(device)?,
+                    inter_b: l.inter_b.to_device(device)?,
+                    output_w: l.output_w.to_device(device)?,
+                    output_b: l.output_b.to_device(device)?,
+                    out_ln: l.out_ln.to_device(device)?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Packed {
+            table: self.table.to_device(device)?,
+            vocab: self.vocab,
+            emb_ln: self.emb_ln.to_device(device)?,
+            layers,
+        })
     }
 }
 
@@ -387,7 +440,7 @@ impl CandleBert {
             p.vocab,
             &self.device,
         )?;
-        let ln = &self.emb_ln;
+        let ln = &p.emb_ln;
         let mut x = cuda_ops::embed_ln(&index, &p.table, &ln.weight, &ln.bias, ln.eps)?;
         for l in &p.layers {
             let ctx = cuda_ops::attention(&x.matmul(&l.qkv_w)?, &l.qkv_b, &index, self.heads)?;
@@ -415,14 +468,12 @@ impl EmbeddingBackend for CandleBert {
         if batch.rows == 0 {
             return Ok(Vec::new());
         }
-        #[cfg(feature = "cuda")]
-        let pooled = match &self.packed {
-            Some(packed) => self.forward_packed(packed, batch),
-            None => self.forward(batch),
+        let pooled = match &self.encoder {
+            Encoder::Padded(padded) => self.forward(padded, batch),
+            #[cfg(feature = "cuda")]
+            Encoder::Packed(packed) => self.forward_packed(packed, batch),
         }
         .map_err(EngineError::candle)?;
-        #[cfg(not(feature = "cuda"))]
-        let pooled = self.forward(batch).map_err(EngineError::candle)?;
         Ok(pooled
             .chunks_exact(self.hidden)
             .map(<[f32]>::to_vec)
@@ -463,5 +514,131 @@ mod tests {
             full.to_vec1::<f32>().unwrap(),
             bias.to_vec1::<f32>().unwrap()
         );
+    }
+
+    /// A one-layer BERT with hidden 64 (two heads of 32), every tensor filled with
+    /// distinct values.
+    fn tiny_bert() -> (HashMap<String, Tensor>, BertConfig) {
+        let (h, inter, vocab, positions) = (64, 128, 10, 8);
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            ("embeddings.word_embeddings.weight".into(), vec![vocab, h]),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![positions, h],
+            ),
+            ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ];
+        let l = "encoder.layer.0";
+        for (name, out, inp) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", inter, h),
+            ("output.dense", h, inter),
+        ] {
+            shapes.push((format!("{l}.{name}.weight"), vec![out, inp]));
+            shapes.push((format!("{l}.{name}.bias"), vec![out]));
+        }
+        for name in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            shapes.push((format!("{l}.{name}.weight"), vec![h]));
+            shapes.push((format!("{l}.{name}.bias"), vec![h]));
+        }
+        let tensors = shapes
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = (0..n).map(|j| (i * 1000 + j) as f32 * 1e-3).collect();
+                (name, Tensor::from_vec(values, shape, &Device::Cpu).unwrap())
+            })
+            .collect();
+        let config = BertConfig {
+            hidden_size: h,
+            num_attention_heads: 2,
+            num_hidden_layers: 1,
+            layer_norm_eps: 1e-12,
+        };
+        (tensors, config)
+    }
+
+    #[test]
+    fn packed_weights_keep_the_model_type_and_read_biases_and_layer_norms_as_f32() {
+        let (tensors, config) = tiny_bert();
+        let get = |name: &str| tensors[name].clone();
+        let vb = VarBuilder::from_tensors(tensors.clone(), DType::BF16, &Device::Cpu);
+
+        let packed = Packed::load(&vb, &config).unwrap();
+
+        let layer = &packed.layers[0];
+        for (what, w, dims) in [
+            ("qkv", &layer.qkv_w, (64, 192)),
+            ("attention output", &layer.out_w, (64, 64)),
+            ("intermediate", &layer.inter_w, (64, 128)),
+            ("output", &layer.output_w, (128, 64)),
+        ] {
+            assert_eq!(w.dtype(), DType::BF16, "{what} weight");
+            assert_eq!(w.dims2().unwrap(), dims, "{what} weight is [in, out]");
+        }
+        let f32_params = [
+            &layer.qkv_b,
+            &layer.out_b,
+            &layer.inter_b,
+            &layer.output_b,
+            &layer.attn_ln.weight,
+            &layer.attn_ln.bias,
+            &layer.out_ln.weight,
+            &layer.out_ln.bias,
+            &packed.emb_ln.weight,
+            &packed.emb_ln.bias,
+        ];
+        assert!(f32_params.iter().all(|t| t.dtype() == DType::F32));
+        // Bit-exact from the file, q then k then v.
+        let l = "encoder.layer.0.attention.self";
+        let qkv_b = Tensor::cat(
+            &[
+                get(&format!("{l}.query.bias")),
+                get(&format!("{l}.key.bias")),
+                get(&format!("{l}.value.bias")),
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            layer.qkv_b.to_vec1::<f32>().unwrap(),
+            qkv_b.to_vec1::<f32>().unwrap()
+        );
+        // The first 64 columns of the transposed QKV weight are the file's query weight.
+        let wq = get(&format!("{l}.query.weight"))
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let packed_q = layer.qkv_w.narrow(1, 0, 64).unwrap().t().unwrap();
+        assert_eq!(
+            packed_q.to_vec2::<half::bf16>().unwrap(),
+            wq.to_vec2::<half::bf16>().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_packed_table_is_word_rows_then_positions_with_the_token_type_added() {
+        let (tensors, config) = tiny_bert();
+        let rows = |name: &str| tensors[name].to_vec2::<f32>().unwrap();
+        let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+
+        let packed = Packed::load(&vb, &config).unwrap();
+
+        assert_eq!(packed.vocab, 10);
+        assert_eq!(packed.table.dims2().unwrap(), (18, 64));
+        let word = rows("embeddings.word_embeddings.weight");
+        let position = rows("embeddings.position_embeddings.weight");
+        let token_type = rows("embeddings.token_type_embeddings.weight");
+        let table = packed.table.to_vec2::<f32>().unwrap();
+        assert_eq!(table[..10], word[..]);
+        for (row, pos) in table[10..].iter().zip(&position) {
+            let expected: Vec<f32> = pos.iter().zip(&token_type[0]).map(|(p, t)| p + t).collect();
+            assert_eq!(row, &expected);
+        }
     }
 }

@@ -70,7 +70,7 @@ def model_dir(path, out_dir):
 
 
 def start(exe, model, variant, env, device):
-    """(ready seconds, first-request seconds, embeddings, log lines) of one start."""
+    """(ready seconds, first-request seconds, embeddings) of one start."""
     cmd = [exe, "serve", "--model", model, "--device", device, "--variant", variant,
            "--host", "127.0.0.1", "--port", "0", "--drain-delay-seconds", "0"]
     began = time.time()
@@ -113,7 +113,7 @@ def start(exe, model, variant, env, device):
             doc = json.load(r)
         first = time.time() - t0
         vectors = [d["embedding"] for d in sorted(doc["data"], key=lambda d: d["index"])]
-        return ready, first, vectors, lines
+        return ready, first, vectors
     finally:
         proc.terminate()
         try:
@@ -141,13 +141,21 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="kestrel-startup-")
+    try:
+        measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work):
     builds = []
     for spec in args.builds:
         name, path = spec.split("=", 1)
         builds.append((name, unpack(path, work, "kestrel-worker-" + name)))
     model = model_dir(args.model, work)
     variants = args.variants.split(",")
-    results = {b: {v: {"cold": [], "warm": [], "first_cold": [], "first_warm": []}
+    results = {b: {v: {"cold": [], "warm": [], "first_cold": [], "first_warm": [],
+                       "min_cosine_to_first_build": 1.0}
                    for v in variants} for b, _ in builds}
     reference = {}
     caches = {b: os.path.join(work, "cache-" + b) for b, _ in builds}
@@ -161,15 +169,13 @@ def main():
                         env = {"CUDA_CACHE_DISABLE": "1"}
                     else:
                         env = {"CUDA_CACHE_PATH": caches[b]}
-                        if rep == 0 and not os.path.exists(caches[b] + "." + v):
+                        if rep == 0:
                             start(exe, model, v, env, args.device)  # fills the cache; not counted
-                            open(caches[b] + "." + v, "w").close()
-                    ready, first, vectors, lines = start(exe, model, v, env, args.device)
+                    ready, first, vectors = start(exe, model, v, env, args.device)
                     done += 1
                     cos = min_cosine(reference.setdefault(v, vectors), vectors)
                     results[b][v][mode].append(ready)
                     results[b][v]["first_" + mode].append(first)
-                    results[b][v].setdefault("min_cosine_to_first_build", 1.0)
                     results[b][v]["min_cosine_to_first_build"] = min(
                         results[b][v]["min_cosine_to_first_build"], cos)
                     log(f"[{done}/{total}] {mode} {b} {v}: ready {ready:.2f} s, "

@@ -54,7 +54,7 @@ impl LayerNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", test))]
     fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
         Ok(LayerNorm {
             weight: self.weight.to_device(device)?,
@@ -199,9 +199,7 @@ impl CandleBert {
             let host =
                 unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, &Device::Cpu) }
                     .map_err(file_error)?;
-            let packed = Packed::load(&host, &config)
-                .and_then(|p| p.to_device(&device))
-                .map_err(file_error)?;
+            let packed = Packed::load(&host, &config, &device).map_err(file_error)?;
             return Ok(CandleBert {
                 encoder: Encoder::Packed(packed),
                 heads: config.num_attention_heads,
@@ -327,7 +325,7 @@ impl CandleBert {
 
 /// `vb`'s tensor `name` in `vb`'s own type, whatever its shape. Candle's `get_unchecked`
 /// reads in the type the builder was *created* with and ignores `to_dtype`, which once
-/// handed the f32-only CUDA kernels f16 biases (caught only on a GPU).
+/// handed the f32-only CUDA kernels f16 biases (6f3ee6f; seen only on a GPU then).
 #[cfg(any(feature = "cuda", test))]
 fn unchecked(vb: &VarBuilder, name: &str) -> candle_core::Result<Tensor> {
     vb.get_unchecked_dtype(name, vb.dtype())
@@ -346,15 +344,18 @@ impl Packed {
             && HEAD_DIMS.contains(&(h / c.num_attention_heads))
     }
 
-    /// The packed weights from `vb`, on its device: matrices in its type, transposed to
-    /// `[in, out]`; biases and layer norms f32 (`bert.cu` says why).
-    fn load(vb: &VarBuilder, c: &BertConfig) -> candle_core::Result<Self> {
-        let h = c.hidden_size;
+    /// The packed weights from `vb`, prepared on its device and copied to `device` (plain
+    /// copies, no kernel): matrices in `vb`'s type, transposed to `[in, out]`; biases and
+    /// layer norms f32 (`bert.cu` says why).
+    fn load(vb: &VarBuilder, c: &BertConfig, device: &Device) -> candle_core::Result<Self> {
+        let (h, eps) = (c.hidden_size, c.layer_norm_eps);
+        let moved = |x: Tensor| x.to_device(device);
+        let t = |w: Tensor| moved(w.t()?.contiguous()?);
+        let ln = |vb: VarBuilder| LayerNorm::load(vb, h, eps)?.to_device(device);
         let emb = vb.pp("embeddings");
         let word = unchecked(&emb.pp("word_embeddings"), "weight")?;
         let position = unchecked(&emb.pp("position_embeddings"), "weight")?;
         let token_type = unchecked(&emb.pp("token_type_embeddings"), "weight")?;
-        let t = |w: Tensor| w.t()?.contiguous();
         // Biases and layer norms read as f32 from the file, not through the model's type.
         let f32_vb = vb.to_dtype(DType::F32);
         let layers = (0..c.num_hidden_layers)
@@ -368,60 +369,33 @@ impl Packed {
                 };
                 let dense = |name: &str, vb: &VarBuilder, vbf: &VarBuilder| {
                     let (p, pf) = (vb.pp(name), vbf.pp(name));
-                    candle_core::Result::Ok((t(unchecked(&p, "weight")?)?, unchecked(&pf, "bias")?))
+                    candle_core::Result::Ok((
+                        t(unchecked(&p, "weight")?)?,
+                        moved(unchecked(&pf, "bias")?)?,
+                    ))
                 };
                 let (out_w, out_b) = dense("output.dense", &a, &af)?;
                 let (inter_w, inter_b) = dense("intermediate.dense", &l, &lf)?;
                 let (output_w, output_b) = dense("output.dense", &l, &lf)?;
-                let eps = c.layer_norm_eps;
                 Ok(PackedLayer {
                     qkv_w: t(qkv(&a, "weight")?)?,
-                    qkv_b: qkv(&af, "bias")?,
+                    qkv_b: moved(qkv(&af, "bias")?)?,
                     out_w,
                     out_b,
-                    attn_ln: LayerNorm::load(af.pp("output.LayerNorm"), h, eps)?,
+                    attn_ln: ln(af.pp("output.LayerNorm"))?,
                     inter_w,
                     inter_b,
                     output_w,
                     output_b,
-                    out_ln: LayerNorm::load(lf.pp("output.LayerNorm"), h, eps)?,
+                    out_ln: ln(lf.pp("output.LayerNorm"))?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let positions = position.broadcast_add(&token_type.get(0)?)?;
         Ok(Packed {
-            table: Tensor::cat(&[&word, &positions], 0)?.contiguous()?,
+            table: moved(Tensor::cat(&[&word, &positions], 0)?.contiguous()?)?,
             vocab: word.dim(0)? as u32,
-            emb_ln: LayerNorm::load(f32_vb.pp("embeddings.LayerNorm"), h, c.layer_norm_eps)?,
-            layers,
-        })
-    }
-
-    /// A copy on `device`: plain host-to-device copies, no kernel.
-    #[cfg(feature = "cuda")]
-    fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                Ok(PackedLayer {
-                    qkv_w: l.qkv_w.to_device(device)?,
-                    qkv_b: l.qkv_b.to_device(device)?,
-                    out_w: l.out_w.to_device(device)?,
-                    out_b: l.out_b.to_device(device)?,
-                    attn_ln: l.attn_ln.to_device(device)?,
-                    inter_w: l.inter_w.to_device(device)?,
-                    inter_b: l.inter_b.to_device(device)?,
-                    output_w: l.output_w.to_device(device)?,
-                    output_b: l.output_b.to_device(device)?,
-                    out_ln: l.out_ln.to_device(device)?,
-                })
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Packed {
-            table: self.table.to_device(device)?,
-            vocab: self.vocab,
-            emb_ln: self.emb_ln.to_device(device)?,
+            emb_ln: ln(f32_vb.pp("embeddings.LayerNorm"))?,
             layers,
         })
     }
@@ -570,7 +544,7 @@ mod tests {
         let get = |name: &str| tensors[name].clone();
         let vb = VarBuilder::from_tensors(tensors.clone(), DType::BF16, &Device::Cpu);
 
-        let packed = Packed::load(&vb, &config).unwrap();
+        let packed = Packed::load(&vb, &config, &Device::Cpu).unwrap();
 
         let layer = &packed.layers[0];
         for (what, w, dims) in [
@@ -627,7 +601,7 @@ mod tests {
         let rows = |name: &str| tensors[name].to_vec2::<f32>().unwrap();
         let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
 
-        let packed = Packed::load(&vb, &config).unwrap();
+        let packed = Packed::load(&vb, &config, &Device::Cpu).unwrap();
 
         assert_eq!(packed.vocab, 10);
         assert_eq!(packed.table.dims2().unwrap(), (18, 64));
